@@ -1,0 +1,26 @@
+# jobloop — PGXS build.  `make`, `make install`, `make installcheck`.
+
+MODULE_big = jobloop
+OBJS = \
+	src/jobloop.o \
+	src/shared.o \
+	src/api.o \
+	src/kinds.o \
+	src/logic.o \
+	src/request.o \
+	src/http.o \
+	src/guard.o \
+	src/store.o \
+	src/worker.o
+
+EXTENSION = jobloop
+DATA = $(wildcard sql/jobloop--*.sql)
+REGRESS = kinds submit cancel guard notify
+
+PG_CPPFLAGS = -I$(srcdir)/src -std=c11
+PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
+SHLIB_LINK = -lcurl
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

@@ -1,0 +1,509 @@
+# shellcheck shell=bash
+#
+# scripts/lib.sh -- shared shell helpers for jobloop's entry points, test suites and bench.
+#
+# Source it (never execute it):   . "$(dirname "$0")/lib.sh"   (or scripts/lib.sh from the root)
+#
+# It gives every script the same way to install dependencies, build the extension, run a
+# throw-away PostgreSQL 15 cluster and the nginx mock API on loopback, wait for things,
+# and clean up.  Written for a fresh Debian 12 run as root, interactively or in CI
+# (CI=true, no stdin), and safe under `set -euo pipefail`: every function checks its own
+# steps and returns non-zero on failure, so it also behaves when called from `if`/`||`
+# (where bash disables errexit inside the function).
+#
+# Interface (other scripts code against these names):
+#   JL_ROOT                          repo root, exported
+#   jl_log MSG...                    "==> MSG" on stderr
+#   jl_die MSG...                    jl_log, then exit 1
+#   jl_install_deps [PKG...]         apt-get install what is missing; stop default services
+#   jl_build                         make && make install (PGXS, PostgreSQL 15)
+#   jl_free_port                     print a free TCP port on 127.0.0.1 (and 127.0.0.2)
+#   jl_cluster_start [CONF_LINE...]  temp cluster; exports JL_PGDATA PGPORT PGHOST PGUSER
+#                                    PGDATABASE JL_PGLOG JL_PGDIR
+#   jl_cluster_restart_immediate     crash-stop (-m immediate) and start again
+#   jl_cluster_stop                  fast stop (keeps the data dir until exit)
+#   jl_psql [ARGS...]                psql to the temp cluster, ON_ERROR_STOP, no psqlrc
+#   jl_wait_for SECONDS CMD...       poll CMD every 0.1 s until it succeeds or time runs out
+#   jl_mock_start / jl_mock_stop     nginx mock API; exports JL_MOCK_PORT JL_MOCK_URL
+#                                    JL_MOCK_URL2 JL_MOCK_DIR JL_MOCK_LOG JL_MOCK_LOG2
+#   jl_on_exit CMD [ARG...]          add a cleanup command (run in reverse order at exit)
+#
+# Cleanup: lib.sh installs ONE exit trap that runs the registered cleanups last-in
+# first-out (nginx and the cluster are stopped, temp dirs removed).  A script that needs
+# its own cleanup must use jl_on_exit, not `trap ... EXIT` (that would replace ours).
+# With JL_KEEP=1 the cluster, the mock and their dirs are left alone and their locations
+# printed, for post-mortem debugging.
+#
+# Start clusters and the mock from the main shell, not inside $(...) or a pipeline: the
+# cleanup list lives in the shell that registered it, and a daemon started inside $(...)
+# can keep that substitution's pipe open.
+
+# Sourcing twice must not reset the cleanup list of the first load.
+if [[ -n "${_JL_LIB_LOADED:-}" ]]; then
+    return 0
+fi
+_JL_LIB_LOADED=1
+
+JL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export JL_ROOT
+
+# Debian's server binaries live here; /usr/bin/psql etc. are pg_wrapper shims that pick a
+# version by guessing, so we always call the versioned binaries directly.
+JL_PGBIN=/usr/lib/postgresql/15/bin
+export JL_PGBIN
+
+# Packages a fresh Debian 12 needs to build, test and demo jobloop.
+JL_DEPS=(postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap
+         libtap-parser-sourcehandler-pgtap-perl libcurl4-openssl-dev
+         nginx libnginx-mod-http-echo build-essential curl)
+
+# ---------------------------------------------------------------------------------------
+# Logging
+
+jl_log() {
+    printf '==> %s\n' "$*" >&2
+}
+
+jl_die() {
+    jl_log "ERROR: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------
+# Cleanup registry: one EXIT trap, a list of commands.
+
+_JL_CLEANUPS=()              # each entry is a shell-quoted command line
+_JL_OWNER_PID=$BASHPID       # subshells inherit the list but must not run it
+
+jl_on_exit() {
+    local cmd
+    printf -v cmd '%q ' "$@"
+    _JL_CLEANUPS+=("$cmd")
+}
+
+_jl_run_cleanups() {
+    local rc=$? i
+    # A cleanup must never abort the others.
+    set +e
+    if [[ "$BASHPID" == "$_JL_OWNER_PID" ]]; then
+        for (( i = ${#_JL_CLEANUPS[@]} - 1; i >= 0; i-- )); do
+            eval "${_JL_CLEANUPS[i]}"
+        done
+        _JL_CLEANUPS=()
+    fi
+    return "$rc"
+}
+
+trap _jl_run_cleanups EXIT
+# Turn Ctrl-C / kill into a normal exit so the EXIT trap runs.
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# True if PID exists and is not a zombie (kill -0 succeeds on zombies, which a daemon
+# whose adoptive parent has not reaped it yet can be for a moment).
+_jl_pid_alive() {
+    local pid=$1 stat
+    [[ -n "$pid" ]] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    # Field 3 is the state; field 2 (comm) may contain spaces, so cut after the last ')'.
+    stat=${stat##*) }
+    [[ "${stat:0:1}" != Z ]]
+}
+
+_jl_pid_gone() {
+    ! _jl_pid_alive "$1"
+}
+
+# rm -rf with a guard against empty or suspicious paths.
+_jl_rm_dir() {
+    local dir=$1
+    [[ -n "$dir" && "$dir" != / && -d "$dir" ]] || return 0
+    if [[ "${JL_KEEP:-}" == 1 ]]; then
+        jl_log "JL_KEEP=1: kept $dir"
+        return 0
+    fi
+    rm -rf -- "$dir"
+}
+
+# Run a command as root: directly when we are root, else through sudo.
+_jl_as_root() {
+    if [[ $EUID -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo -n "$@"
+    else
+        jl_log "need root (or sudo) to run: $*"
+        return 1
+    fi
+}
+
+# Run a command as the OS user that owns the cluster.  initdb and postgres refuse to run
+# as root, so root hands over to `postgres`; anyone else runs it as themselves.
+# cd / first: postgres cannot read root's cwd, and initdb/pg_ctl warn about it.
+_jl_as_pg() {
+    if [[ $EUID -eq 0 ]]; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        (cd / && "$@")
+    fi
+}
+
+# ---------------------------------------------------------------------------------------
+# Waiting: the only way scripts wait for something.
+
+# Seconds (integer or decimal, e.g. 0.5) to microseconds, pure bash.
+_jl_seconds_to_us() {
+    local s=$1 int frac=
+    [[ "$s" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { jl_log "not a number of seconds: '$s'"; return 1; }
+    int=${s%%.*}
+    [[ "$s" == *.* ]] && frac=${s#*.}
+    frac="${frac}000000"
+    echo $(( 10#$int * 1000000 + 10#${frac:0:6} ))
+}
+
+_jl_now_us() {
+    local t=${EPOCHREALTIME/,/.}    # "seconds.micros" (bash >= 5; some locales use ',')
+    echo $(( 10#${t%.*} * 1000000 + 10#${t#*.} ))
+}
+
+# jl_wait_for DEADLINE_SECONDS CMD [ARG...]
+# Re-runs CMD (its output discarded) every 0.1 s until it exits 0 (return 0) or the
+# deadline passes (message, return 1).  CMD is a command and arguments, not a string;
+# wrap pipelines in a function or `bash -c`.
+jl_wait_for() {
+    if [[ $# -lt 2 ]]; then
+        jl_log "usage: jl_wait_for DEADLINE_SECONDS CMD [ARG...]"
+        return 2
+    fi
+    local timeout=$1 us deadline
+    shift
+    us=$(_jl_seconds_to_us "$timeout") || return 2
+    deadline=$(( $(_jl_now_us) + us ))
+    while :; do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        if (( $(_jl_now_us) >= deadline )); then
+            jl_log "timed out after ${timeout}s waiting for: $*"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------------------------------
+# Dependencies and build
+
+_jl_pkg_installed() {
+    [[ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" == "ii"* ]]
+}
+
+jl_install_deps() {
+    local pkg missing=()
+    for pkg in "${JL_DEPS[@]}" "$@"; do
+        _jl_pkg_installed "$pkg" || missing+=("$pkg")
+    done
+    if (( ${#missing[@]} > 0 )); then
+        jl_log "installing: ${missing[*]}"
+        # Lock::Timeout: wait for another apt/dpkg (unattended-upgrades, a provisioning
+        # step) instead of failing at once on the lock.
+        _jl_as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get -o DPkg::Lock::Timeout=600 -q update \
+            || { jl_log "apt-get update failed"; return 1; }
+        _jl_as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get -o DPkg::Lock::Timeout=600 -q install -y --no-install-recommends \
+            "${missing[@]}" </dev/null \
+            || { jl_log "apt-get install failed"; return 1; }
+    fi
+    _jl_stop_default_services
+    return 0
+}
+
+# The packages may create and start a cluster 15/main on 5432 and an nginx on port 80.
+# We never use them (every test runs its own on a free loopback port); stop them so they
+# take no memory, CPU or ports.  Best effort: failures are ignored.
+_jl_stop_default_services() {
+    if command -v pg_lsclusters >/dev/null 2>&1 \
+        && pg_lsclusters -h 2>/dev/null | awk '$1=="15" && $2=="main" && $4=="online"' | grep -q .; then
+        jl_log "stopping the package's default cluster 15/main (jobloop does not use it)"
+        _jl_as_root pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
+    fi
+    local pid
+    pid=$(cat /run/nginx.pid 2>/dev/null || true)
+    if _jl_pid_alive "$pid"; then
+        jl_log "stopping the package's default nginx service (jobloop does not use it)"
+        if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+            _jl_as_root systemctl stop nginx >/dev/null 2>&1 || true
+        else
+            _jl_as_root kill -QUIT "$pid" >/dev/null 2>&1 || true
+        fi
+    fi
+    return 0
+}
+
+jl_build() {
+    local make_args=(-C "$JL_ROOT" PG_CONFIG="$JL_PGBIN/pg_config")
+    jl_log "building jobloop"
+    make -s -j"$(nproc 2>/dev/null || echo 2)" "${make_args[@]}" \
+        || { jl_log "build failed"; return 1; }
+    jl_log "installing jobloop into $("$JL_PGBIN/pg_config" --pkglibdir)"
+    _jl_as_root make -s "${make_args[@]}" install >/dev/null \
+        || { jl_log "make install failed"; return 1; }
+}
+
+# ---------------------------------------------------------------------------------------
+# Ports
+
+# Is PORT in use on this host in any TCP state (listening, bound, TIME_WAIT...)?
+# /proc/net/tcp{,6} needs no extra package (ss/netstat may not be installed).
+_jl_port_used() {
+    local hex
+    printf -v hex ':%04X ' "$1"
+    grep -qs -- "$hex" /proc/net/tcp /proc/net/tcp6 && return 0
+    # Belt and braces: something answers on it (e.g. /proc not mounted as expected).
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    return 1
+}
+
+jl_free_port() {
+    local i port
+    for (( i = 0; i < 200; i++ )); do
+        port=$(( 20000 + (RANDOM * 32768 + RANDOM) % 40001 ))
+        if ! _jl_port_used "$port"; then
+            echo "$port"
+            return 0
+        fi
+    done
+    jl_log "no free port found in 20000-60000"
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL cluster
+
+jl_cluster_start() {
+    local dir data log attempt port
+    [[ -x "$JL_PGBIN/initdb" ]] || { jl_log "PostgreSQL 15 is not installed (run jl_install_deps)"; return 1; }
+    if [[ $EUID -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
+        jl_log "OS user 'postgres' missing (the postgresql-common package creates it)"
+        return 1
+    fi
+
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-pg.XXXXXX") || return 1
+    jl_on_exit _jl_rm_dir "$dir"
+    data=$dir/data
+    log=$dir/server.log
+    if [[ $EUID -eq 0 ]]; then
+        chown postgres:postgres "$dir" || return 1
+        chmod 0755 "$dir"     # root (tests) reads the log; 0700 stays on data/
+        _jl_as_pg test -w "$dir" || {
+            jl_log "user postgres cannot write $dir (is ${TMPDIR:-/tmp} traversable?)"
+            return 1
+        }
+    fi
+
+    # C.UTF-8 is always present on Debian 12 (libc-bin); fall back to C elsewhere.
+    # --no-sync: a throw-away cluster does not need initdb's fsyncs (crash tests crash
+    # the server, never the OS).
+    if ! _jl_as_pg "$JL_PGBIN/initdb" -D "$data" --auth=trust -E UTF8 --locale=C.UTF-8 \
+            --no-sync >"$dir/initdb.log" 2>&1; then
+        rm -rf -- "$data"
+        _jl_as_pg "$JL_PGBIN/initdb" -D "$data" --auth=trust -E UTF8 --locale=C \
+            --no-sync >"$dir/initdb.log" 2>&1 \
+            || { jl_log "initdb failed:"; cat "$dir/initdb.log" >&2; return 1; }
+    fi
+
+    # Registered before starting: if pg_ctl gives up waiting, the server may still come up.
+    jl_on_exit _jl_cluster_cleanup "$data"
+
+    # A free port can be taken between the check and the bind; retry with another one.
+    for attempt in 1 2 3; do
+        port=$(jl_free_port) || return 1
+        # postgresql.conf: later settings win, so the caller's lines go last; and on a
+        # retry the new port line overrides the previous attempt's.
+        {
+            echo ""
+            echo "# --- added by scripts/lib.sh (jl_cluster_start) ---"
+            echo "listen_addresses = '127.0.0.1'"
+            echo "port = $port"
+            echo "unix_socket_directories = '$dir'"
+            echo "max_connections = 200"
+            echo "logging_collector = off"
+            echo "log_line_prefix = '%m [%p] %b '"
+            echo "shared_preload_libraries = 'jobloop'"
+            echo "jobloop.database = 'jobloop'"
+            echo "jobloop.workers = 1"
+            echo "jobloop.allowed_hosts = '127.0.0.1'"
+            if (( $# > 0 )); then
+                echo "# --- caller's settings ---"
+                printf '%s\n' "$@"
+            fi
+        } >>"$data/postgresql.conf" || return 1
+
+        if _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$data" -l "$log" -w -t 60 start >"$dir/pg_ctl.out" 2>&1; then
+            break
+        fi
+        if (( attempt < 3 )) && grep -q 'could not bind\|Address already in use' "$log" 2>/dev/null; then
+            jl_log "port $port was taken, retrying with another"
+            continue
+        fi
+        jl_log "PostgreSQL failed to start: $(tail -n 1 "$dir/pg_ctl.out" 2>/dev/null); last lines of $log:"
+        tail -n 20 "$log" >&2 2>/dev/null
+        return 1
+    done
+
+    export JL_PGDIR=$dir JL_PGDATA=$data JL_PGLOG=$log
+    export PGPORT=$port PGHOST=127.0.0.1 PGUSER=postgres PGDATABASE=jobloop
+
+    jl_psql -d postgres -c 'CREATE DATABASE jobloop' || { jl_log "CREATE DATABASE jobloop failed"; return 1; }
+    jl_log "PostgreSQL 15 up on 127.0.0.1:$PGPORT (data $JL_PGDATA, log $JL_PGLOG)"
+}
+
+# Crash-stop the cluster (no shutdown checkpoint, children get SIGQUIT) and start it
+# again; recovery replays WAL.  The log keeps growing in the same file.
+jl_cluster_restart_immediate() {
+    : "${JL_PGDATA:?jl_cluster_start first}"
+    _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$JL_PGDATA" -m immediate -w stop >/dev/null \
+        || { jl_log "immediate stop failed"; return 1; }
+    _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$JL_PGDATA" -l "$JL_PGLOG" -w -t 60 start >/dev/null \
+        || { jl_log "restart failed; last lines of $JL_PGLOG:"; tail -n 20 "$JL_PGLOG" >&2; return 1; }
+}
+
+jl_cluster_stop() {
+    : "${JL_PGDATA:?jl_cluster_start first}"
+    [[ -f "$JL_PGDATA/postmaster.pid" ]] || return 0
+    _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$JL_PGDATA" -m fast -w stop >/dev/null
+}
+
+_jl_cluster_cleanup() {
+    local data=$1
+    [[ -f "$data/postmaster.pid" ]] || return 0
+    if [[ "${JL_KEEP:-}" == 1 ]]; then
+        local port
+        port=$(sed -n 4p "$data/postmaster.pid" 2>/dev/null)
+        jl_log "JL_KEEP=1: cluster left running on 127.0.0.1:$port, data $data, log ${data%/data}/server.log"
+        jl_log "  stop it with: runuser -u postgres -- $JL_PGBIN/pg_ctl -D $data stop"
+        return 0
+    fi
+    _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1 || true
+}
+
+jl_psql() {
+    : "${PGPORT:?no cluster: call jl_cluster_start first}"
+    "$JL_PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres \
+        -d "${PGDATABASE:-jobloop}" "$@"
+}
+
+# ---------------------------------------------------------------------------------------
+# Mock API (nginx + echo module), see test/mock/
+
+_jl_echo_module_path() {
+    local p
+    p=$(dpkg -L libnginx-mod-http-echo 2>/dev/null | grep '/ngx_http_echo_module\.so$' | head -n 1) || true
+    [[ -n "$p" ]] || p=/usr/lib/nginx/modules/ngx_http_echo_module.so
+    [[ -f "$p" ]] || { jl_log "nginx echo module not found (libnginx-mod-http-echo)"; return 1; }
+    echo "$p"
+}
+
+# worker_rlimit_nofile: 65536 if this process may raise its hard limit that far (root with
+# CAP_SYS_RESOURCE), else the hard limit -- asking for more only logs an alert and keeps
+# the old limit.
+_jl_nofile_limit() {
+    if (ulimit -Hn 65536) 2>/dev/null; then
+        echo 65536
+    else
+        local hard
+        hard=$(ulimit -Hn)
+        [[ "$hard" == unlimited ]] && hard=65536
+        echo $(( hard < 65536 ? hard : 65536 ))
+    fi
+}
+
+# Answers on both addresses?
+_jl_mock_ready() {
+    curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$1/__ready" \
+        && curl -sf -o /dev/null --max-time 2 "http://127.0.0.2:$1/__ready"
+}
+
+jl_mock_start() {
+    local dir module kib nofile attempt port started=
+    command -v nginx >/dev/null 2>&1 || { jl_log "nginx is not installed (run jl_install_deps)"; return 1; }
+    module=$(_jl_echo_module_path) || return 1
+    nofile=$(_jl_nofile_limit)
+    printf -v kib '%1024s' ''
+    kib=${kib// /x}
+
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-mock.XXXXXX") || return 1
+    chmod 0755 "$dir"
+    jl_on_exit _jl_rm_dir "$dir"
+    : >"$dir/access.log"
+    : >"$dir/access2.log"
+    jl_on_exit _jl_mock_cleanup "$dir"
+
+    for attempt in 1 2 3; do
+        port=$(jl_free_port) || return 1
+        sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|$port|g" -e "s|@ECHO_MODULE@|$module|g" \
+            -e "s|@KIB@|$kib|g" -e "s|^worker_rlimit_nofile .*|worker_rlimit_nofile $nofile;|" \
+            "$JL_ROOT/test/mock/nginx.conf.in" >"$dir/nginx.conf" || return 1
+        # -e: the startup error log (before the config is read) also goes to $dir.
+        # The soft fd limit is raised in a subshell so the master starts with it.
+        if (ulimit -Sn "$(ulimit -Hn)" 2>/dev/null; exec nginx -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log") \
+                >"$dir/start.out" 2>&1 </dev/null; then
+            started=1
+            break
+        fi
+        if (( attempt < 3 )) && grep -q 'Address already in use' "$dir/start.out" "$dir/error.log" 2>/dev/null; then
+            jl_log "port $port was taken, retrying with another"
+            continue
+        fi
+        break
+    done
+    if [[ -z "$started" ]]; then
+        jl_log "nginx failed to start:"
+        cat "$dir/start.out" >&2
+        return 1
+    fi
+
+    export JL_MOCK_PORT=$port JL_MOCK_DIR=$dir
+    export JL_MOCK_URL=http://127.0.0.1:$port JL_MOCK_URL2=http://127.0.0.2:$port
+    export JL_MOCK_LOG=$dir/access.log JL_MOCK_LOG2=$dir/access2.log
+
+    jl_wait_for 10 _jl_mock_ready "$port" || {
+        jl_log "mock API did not answer; $dir/error.log:"
+        tail -n 20 "$dir/error.log" >&2
+        return 1
+    }
+    jl_log "mock API up on $JL_MOCK_URL and $JL_MOCK_URL2 (logs in $dir)"
+}
+
+# Stop the nginx whose prefix is DIR: graceful quit (in-flight requests get
+# worker_shutdown_timeout, 1 s), then TERM, then KILL of its process group (the master
+# is a session leader after daemonizing, so its workers share its group).
+_jl_nginx_stop() {
+    local dir=$1 pid
+    pid=$(cat "$dir/nginx.pid" 2>/dev/null) || return 0
+    _jl_pid_alive "$pid" || return 0
+    kill -QUIT "$pid" 2>/dev/null
+    jl_wait_for 10 _jl_pid_gone "$pid" 2>/dev/null && return 0
+    kill -TERM "$pid" 2>/dev/null
+    jl_wait_for 5 _jl_pid_gone "$pid" 2>/dev/null && return 0
+    kill -KILL -- "-$pid" 2>/dev/null
+    jl_wait_for 5 _jl_pid_gone "$pid"
+}
+
+jl_mock_stop() {
+    : "${JL_MOCK_DIR:?jl_mock_start first}"
+    _jl_nginx_stop "$JL_MOCK_DIR"
+}
+
+_jl_mock_cleanup() {
+    local dir=$1 pid
+    pid=$(cat "$dir/nginx.pid" 2>/dev/null || true)
+    _jl_pid_alive "$pid" || return 0
+    if [[ "${JL_KEEP:-}" == 1 ]]; then
+        jl_log "JL_KEEP=1: mock API left running (pid $pid), dir $dir"
+        jl_log "  stop it with: kill -QUIT $pid"
+        return 0
+    fi
+    _jl_nginx_stop "$dir"
+}

@@ -1,0 +1,611 @@
+/*-------------------------------------------------------------------------
+ *
+ * api.c
+ *		The SQL API that writes: create_kind, drop_kind, submit, cancel.
+ *
+ * These functions run as the caller (they are not SECURITY DEFINER), record
+ * the caller as the owner of what they create, and then write the tables as
+ * the extension's owner with a pinned search_path.  App roles therefore have
+ * no write privilege on the tables at all, and no path lets one role create
+ * a job that runs as another.
+ *
+ * Workers are woken when the transaction commits, not before: a job they
+ * could not yet see would only cost them a wasted claim.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "commands/dbcommands.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/inval.h"
+#include "utils/json.h"
+#include "utils/lsyscache.h"
+#include "utils/regproc.h"
+#include "utils/syscache.h"
+
+PG_FUNCTION_INFO_V1(jobloop_create_kind);
+PG_FUNCTION_INFO_V1(jobloop_drop_kind);
+PG_FUNCTION_INFO_V1(jobloop_submit);
+PG_FUNCTION_INFO_V1(jobloop_cancel);
+
+#define MAX_TENANT_LEN	200
+
+/* ---- running as the extension owner ---- */
+
+typedef struct OwnerContext
+{
+	Oid			saved_userid;
+	int			saved_sec_context;
+	int			saved_nestlevel;
+} OwnerContext;
+
+static Oid
+job_table_oid(void)
+{
+	Oid			nsp = get_namespace_oid("jobloop", false);
+	Oid			rel = get_relname_relid("job", nsp);
+
+	if (!OidIsValid(rel))
+		elog(ERROR, "jobloop.job does not exist");
+	return rel;
+}
+
+/*
+ * Switch to the owner of the extension's tables with a search_path that no
+ * caller can influence.  Errors unwind all of it with the transaction.
+ */
+static void
+enter_owner_context(OwnerContext *cxt)
+{
+	HeapTuple	tp = SearchSysCache1(RELOID, ObjectIdGetDatum(job_table_oid()));
+	Oid			owner;
+
+	if (!HeapTupleIsValid(tp))
+		elog(ERROR, "cache lookup failed for jobloop.job");
+	owner = ((Form_pg_class) GETSTRUCT(tp))->relowner;
+	ReleaseSysCache(tp);
+
+	GetUserIdAndSecContext(&cxt->saved_userid, &cxt->saved_sec_context);
+	SetUserIdAndSecContext(owner, cxt->saved_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	cxt->saved_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+static void
+leave_owner_context(OwnerContext *cxt)
+{
+	SPI_finish();
+	AtEOXact_GUC(true, cxt->saved_nestlevel);
+	SetUserIdAndSecContext(cxt->saved_userid, cxt->saved_sec_context);
+}
+
+static bool
+is_jobloop_admin(Oid role)
+{
+	Oid			admin = get_role_oid("jobloop_admin", true);
+
+	return superuser_arg(role) || (OidIsValid(admin) && has_privs_of_role(role, admin));
+}
+
+static void
+require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+/* ---- wake-ups at commit ---- */
+
+typedef struct PendingCancel
+{
+	int			worker;
+	int64		job_id;
+} PendingCancel;
+
+static bool xact_callback_registered = false;
+static bool wake_at_commit = false;
+static PendingCancel *pending_cancels = NULL;
+static int	npending_cancels = 0;
+static int	max_pending_cancels = 0;
+
+static void
+jobloop_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			for (int i = 0; i < npending_cancels; i++)
+				shared_post_cancel(pending_cancels[i].worker, pending_cancels[i].job_id);
+			if (wake_at_commit)
+				shared_wake_workers();
+			/* FALLTHROUGH */
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			wake_at_commit = false;
+			npending_cancels = 0;
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+wake_workers_at_commit(void)
+{
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(jobloop_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	wake_at_commit = true;
+}
+
+static void
+cancel_at_commit(int worker, int64 job_id)
+{
+	if (npending_cancels == max_pending_cancels)
+	{
+		max_pending_cancels = Max(16, max_pending_cancels * 2);
+		if (pending_cancels == NULL)
+			pending_cancels = MemoryContextAlloc(TopMemoryContext,
+												 max_pending_cancels * sizeof(PendingCancel));
+		else
+			pending_cancels = repalloc(pending_cancels,
+									   max_pending_cancels * sizeof(PendingCancel));
+	}
+	pending_cancels[npending_cancels].worker = worker;
+	pending_cancels[npending_cancels].job_id = job_id;
+	npending_cancels++;
+	wake_workers_at_commit();
+}
+
+/* ---- notifications ---- */
+
+void
+notify_job(int64 id, const char *status, int32 step, const char *tenant, const char *kind)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "{\"id\": " INT64_FORMAT ", \"status\": ", id);
+	escape_json(&buf, status);
+	appendStringInfo(&buf, ", \"step\": %d, \"tenant\": ", step);
+	if (tenant)
+		escape_json(&buf, tenant);
+	else
+		appendStringInfoString(&buf, "null");
+	appendStringInfoString(&buf, ", \"kind\": ");
+	escape_json(&buf, kind);
+	appendStringInfoChar(&buf, '}');
+	/* tenant and kind names are bounded, so this stays far below 8000 bytes */
+	Async_Notify(JOBLOOP_CHANNEL, buf.data);
+	pfree(buf.data);
+}
+
+/* ---- create_kind / drop_kind ---- */
+
+static int64
+interval_ms(Interval *span)
+{
+	return span->time / 1000 + ((int64) span->day + (int64) span->month * 30) * 86400000;
+}
+
+/*
+ * A kind's function must exist, have exactly the expected signature, and be
+ * executable by the role defining the kind.
+ */
+static void
+check_kind_function(Oid fn, Oid caller, const char *what, int nargs,
+					Oid rettype, const char *expected)
+{
+	HeapTuple	tp = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	Form_pg_proc proc;
+	bool		ok;
+
+	if (!HeapTupleIsValid(tp))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("%s function with OID %u does not exist", what, fn)));
+	proc = (Form_pg_proc) GETSTRUCT(tp);
+	ok = proc->prokind == PROKIND_FUNCTION && !proc->proretset &&
+		proc->prorettype == rettype && proc->pronargs == nargs;
+	for (int i = 0; ok && i < nargs; i++)
+		ok = proc->proargtypes.values[i] == JSONBOID;
+	ReleaseSysCache(tp);
+
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
+				 errmsg("%s function %s has the wrong signature", what, format_procedure(fn)),
+				 errdetail("A %s function must be declared as %s.", what, expected)));
+	if (pg_proc_aclcheck(fn, caller, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for function %s", format_procedure(fn))));
+}
+
+static char *
+kind_name_arg(FunctionCallInfo fcinfo, int argno)
+{
+	char	   *name;
+
+	require_arg(fcinfo, argno, "kind name");
+	name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	if (name[0] == '\0' || strlen(name) > 63)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid job kind name \"%s\"", name),
+				 errdetail("A kind name must be 1 to 63 bytes long.")));
+	return name;
+}
+
+/* Look up a kind's owner, locking its row; InvalidOid if it does not exist. */
+static Oid
+lock_kind(const char *name)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+	bool		isnull;
+
+	store_run_plan(&plan, "SELECT owner::oid FROM jobloop.kind WHERE name = $1 FOR UPDATE",
+			 1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return InvalidOid;
+	return DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+static void
+require_kind_owner(const char *name, Oid owner, Oid caller)
+{
+	if (!has_privs_of_role(caller, owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be owner of job kind \"%s\"", name)));
+}
+
+Datum
+jobloop_create_kind(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			caller = GetUserId();
+	char	   *name = kind_name_arg(fcinfo, 0);
+	Oid			request_fn,
+				step_fn,
+				done_fn = InvalidOid;
+	int32		max_steps,
+				max_attempts;
+	Interval   *backoff,
+			   *max_backoff;
+	char	   *on_error;
+	Oid			types[12] = {TEXTOID, OIDOID, OIDOID, OIDOID, OIDOID, INT4OID, INT4OID,
+		INTERVALOID, INTERVALOID, INTERVALOID, BOOLOID, TEXTOID};
+	Datum		values[12];
+	char		nulls[12];
+	OwnerContext cxt;
+	Oid			existing_owner;
+
+	for (int i = 1; i < 11; i++)
+		if (i != 3 && i != 8)
+			require_arg(fcinfo, i, i == 1 ? "request function" : i == 2 ? "step function" :
+						i == 4 ? "max_steps" : i == 5 ? "max_attempts" : i == 6 ? "backoff" :
+						i == 7 ? "max_backoff" : i == 9 ? "notify_steps" : "on_error");
+
+	request_fn = PG_GETARG_OID(1);
+	step_fn = PG_GETARG_OID(2);
+	check_kind_function(request_fn, caller, "request", 1, JSONBOID, "request(state jsonb) RETURNS jsonb");
+	check_kind_function(step_fn, caller, "step", 2, JSONBOID, "step(state jsonb, response jsonb) RETURNS jsonb");
+	if (!PG_ARGISNULL(3))
+	{
+		done_fn = PG_GETARG_OID(3);
+		check_kind_function(done_fn, caller, "done", 1, BOOLOID, "done(state jsonb) RETURNS boolean");
+	}
+
+	max_steps = PG_GETARG_INT32(4);
+	if (max_steps < 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("max_steps must be at least 1")));
+	max_attempts = PG_GETARG_INT32(5);
+	if (max_attempts < 1 || max_attempts > 1000)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("max_attempts must be between 1 and 1000")));
+	backoff = PG_GETARG_INTERVAL_P(6);
+	max_backoff = PG_GETARG_INTERVAL_P(7);
+	if (interval_ms(backoff) < 1 || interval_ms(max_backoff) < interval_ms(backoff))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("backoff must be positive and no longer than max_backoff")));
+	if (!PG_ARGISNULL(8) &&
+		(interval_ms(PG_GETARG_INTERVAL_P(8)) < 1 || interval_ms(PG_GETARG_INTERVAL_P(8)) > INT_MAX))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("timeout must be between 1 millisecond and 24 days")));
+	on_error = text_to_cstring(PG_GETARG_TEXT_PP(10));
+	if (strcmp(on_error, "fail") != 0 && strcmp(on_error, "step") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid on_error value \"%s\"", on_error),
+				 errhint("Use 'fail' to fail the job, or 'step' to pass the error to the step function.")));
+
+	enter_owner_context(&cxt);
+	existing_owner = lock_kind(name);
+	if (OidIsValid(existing_owner))
+		require_kind_owner(name, existing_owner, caller);
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = CStringGetTextDatum(name);
+	values[1] = ObjectIdGetDatum(OidIsValid(existing_owner) ? existing_owner : caller);
+	values[2] = ObjectIdGetDatum(request_fn);
+	values[3] = ObjectIdGetDatum(step_fn);
+	values[4] = ObjectIdGetDatum(done_fn);
+	nulls[4] = OidIsValid(done_fn) ? ' ' : 'n';
+	values[5] = Int32GetDatum(max_steps);
+	values[6] = Int32GetDatum(max_attempts);
+	values[7] = IntervalPGetDatum(backoff);
+	values[8] = IntervalPGetDatum(max_backoff);
+	values[9] = PG_ARGISNULL(8) ? (Datum) 0 : PG_GETARG_DATUM(8);
+	nulls[9] = PG_ARGISNULL(8) ? 'n' : ' ';
+	values[10] = BoolGetDatum(PG_GETARG_BOOL(9));
+	values[11] = CStringGetTextDatum(on_error);
+	store_run_plan(&plan,
+			 "INSERT INTO jobloop.kind (name, owner, request_fn, step_fn, done_fn, max_steps,"
+			 " max_attempts, backoff, max_backoff, timeout, notify_steps, on_error)"
+			 " VALUES ($1, $2::regrole, $3::regprocedure, $4::regprocedure, $5::regprocedure,"
+			 " $6, $7, $8, $9, $10, $11, $12)"
+			 " ON CONFLICT (name) DO UPDATE SET request_fn = EXCLUDED.request_fn,"
+			 " step_fn = EXCLUDED.step_fn, done_fn = EXCLUDED.done_fn,"
+			 " max_steps = EXCLUDED.max_steps, max_attempts = EXCLUDED.max_attempts,"
+			 " backoff = EXCLUDED.backoff, max_backoff = EXCLUDED.max_backoff,"
+			 " timeout = EXCLUDED.timeout, notify_steps = EXCLUDED.notify_steps,"
+			 " on_error = EXCLUDED.on_error",
+			 12, types, values, nulls, SPI_OK_INSERT);
+	leave_owner_context(&cxt);
+
+	/* row changes send no invalidation by themselves; workers cache kinds */
+	CacheInvalidateRelcacheByRelid(get_relname_relid("kind", get_namespace_oid("jobloop", false)));
+	PG_RETURN_VOID();
+}
+
+Datum
+jobloop_drop_kind(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr count_plan = NULL;
+	static SPIPlanPtr delete_plan = NULL;
+	Oid			caller = GetUserId();
+	char	   *name = kind_name_arg(fcinfo, 0);
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+	OwnerContext cxt;
+	Oid			owner;
+	bool		isnull;
+	int64		unfinished;
+
+	enter_owner_context(&cxt);
+	owner = lock_kind(name);
+	if (!OidIsValid(owner))
+	{
+		leave_owner_context(&cxt);
+		PG_RETURN_BOOL(false);
+	}
+	require_kind_owner(name, owner, caller);
+	store_run_plan(&count_plan,
+			 "SELECT count(*) FROM jobloop.job WHERE kind = $1 AND status IN ('pending', 'running')",
+			 1, types, values, NULL, SPI_OK_SELECT);
+	unfinished = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (unfinished > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("job kind \"%s\" has " INT64_FORMAT " unfinished jobs", name, unfinished),
+				 errhint("Wait for them to finish or cancel them first.")));
+	store_run_plan(&delete_plan,
+			 "WITH j AS (DELETE FROM jobloop.job WHERE kind = $1)"
+			 " DELETE FROM jobloop.kind WHERE name = $1",
+			 1, types, values, NULL, SPI_OK_DELETE);
+	leave_owner_context(&cxt);
+	CacheInvalidateRelcacheByRelid(get_relname_relid("kind", get_namespace_oid("jobloop", false)));
+	PG_RETURN_BOOL(true);
+}
+
+/* ---- submit / cancel ---- */
+
+/*
+ * A job submitted where no worker runs would wait forever; say so once per
+ * session instead of failing, so jobs can be queued before workers start.
+ */
+static void
+warn_if_unserved(void)
+{
+	static bool warned = false;
+	const char *why = NULL;
+
+	if (warned)
+		return;
+	if (!shared_available())
+		why = "jobloop is not in shared_preload_libraries";
+	else if (jobloop_workers == 0)
+		why = "jobloop.workers is 0";
+	else if (strcmp(jobloop_database, get_database_name(MyDatabaseId)) != 0)
+		why = psprintf("jobloop.database is \"%s\"", jobloop_database);
+	if (why)
+	{
+		ereport(WARNING,
+				(errmsg("no jobloop worker serves database \"%s\"", get_database_name(MyDatabaseId)),
+				 errdetail("Jobs submitted here stay pending because %s.", why),
+				 errhint("Set jobloop.database and shared_preload_libraries, then restart the server.")));
+		warned = true;
+	}
+}
+
+Datum
+jobloop_submit(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr kind_plan = NULL;
+	static SPIPlanPtr insert_plan = NULL;
+	Oid			caller = GetUserId();
+	char	   *kind;
+	Jsonb	   *state;
+	char	   *tenant = NULL;
+	OwnerContext cxt;
+	Oid			kind_types[1] = {TEXTOID};
+	Datum		kind_values[1];
+	Oid			types[5] = {TEXTOID, OIDOID, TEXTOID, JSONBOID, TIMESTAMPTZOID};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	bool		isnull;
+	int64		id;
+
+	require_arg(fcinfo, 0, "kind");
+	require_arg(fcinfo, 1, "state");
+	kind = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	state = PG_GETARG_JSONB_P(1);
+	if (!JB_ROOT_IS_OBJECT(state) || JB_ROOT_IS_SCALAR(state))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("job state must be a JSON object")));
+	if (!PG_ARGISNULL(2))
+	{
+		tenant = text_to_cstring(PG_GETARG_TEXT_PP(2));
+		if (strlen(tenant) > MAX_TENANT_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+					 errmsg("tenant name is too long"),
+					 errdetail("A tenant name is at most %d bytes.", MAX_TENANT_LEN)));
+	}
+
+	enter_owner_context(&cxt);
+
+	kind_values[0] = CStringGetTextDatum(kind);
+	store_run_plan(&kind_plan,
+			 "SELECT request_fn::oid, step_fn::oid, done_fn::oid FROM jobloop.kind WHERE name = $1 FOR KEY SHARE",
+			 1, kind_types, kind_values, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("job kind \"%s\" does not exist", kind),
+				 errhint("Create it with jobloop.create_kind().")));
+	/* the job will run these as the caller: refuse now rather than fail later */
+	for (int i = 1; i <= 3; i++)
+	{
+		Oid			fn = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+														SPI_tuptable->tupdesc, i, &isnull));
+
+		if (!isnull && pg_proc_aclcheck(fn, caller, ACL_EXECUTE) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied for function %s", format_procedure(fn)),
+					 errdetail("Jobs of kind \"%s\" run their functions as the submitting role.", kind)));
+	}
+
+	values[0] = CStringGetTextDatum(kind);
+	values[1] = ObjectIdGetDatum(caller);
+	values[2] = tenant ? CStringGetTextDatum(tenant) : (Datum) 0;
+	nulls[2] = tenant ? ' ' : 'n';
+	values[3] = JsonbPGetDatum(state);
+	values[4] = PG_ARGISNULL(3) ? (Datum) 0 : PG_GETARG_DATUM(3);
+	nulls[4] = PG_ARGISNULL(3) ? 'n' : ' ';
+	store_run_plan(&insert_plan,
+			 "INSERT INTO jobloop.job (kind, owner, tenant, state, run_after)"
+			 " VALUES ($1, $2::regrole, $3, $4, coalesce($5, now())) RETURNING id",
+			 5, types, values, nulls, SPI_OK_INSERT_RETURNING);
+	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
+	leave_owner_context(&cxt);
+
+	notify_job(id, "pending", 0, tenant, kind);
+	wake_workers_at_commit();
+	warn_if_unserved();
+	PG_RETURN_INT64(id);
+}
+
+Datum
+jobloop_cancel(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr cancel_plan = NULL;
+	Oid			caller = GetUserId();
+	int64		id;
+	OwnerContext cxt;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+	HeapTuple	row;
+	TupleDesc	desc;
+	bool		isnull;
+	Oid			owner;
+	char	   *status;
+	Datum		worker;
+	bool		worker_isnull;
+	int32		step;
+	Datum		tenant;
+	bool		tenant_isnull;
+	char	   *kind;
+
+	require_arg(fcinfo, 0, "job id");
+	id = PG_GETARG_INT64(0);
+	values[0] = Int64GetDatum(id);
+
+	enter_owner_context(&cxt);
+	store_run_plan(&lock_plan,
+			 "SELECT owner::oid, status, worker, step, tenant, kind FROM jobloop.job WHERE id = $1 FOR UPDATE",
+			 1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0 ||
+		!(has_privs_of_role(caller,
+							DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+														   SPI_tuptable->tupdesc, 1, &isnull))) ||
+		  is_jobloop_admin(caller)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("job " INT64_FORMAT " does not exist", id)));
+
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	owner = DatumGetObjectId(SPI_getbinval(row, desc, 1, &isnull));
+	(void) owner;
+	status = TextDatumGetCString(SPI_getbinval(row, desc, 2, &isnull));
+	if (strcmp(status, "pending") != 0 && strcmp(status, "running") != 0)
+	{
+		leave_owner_context(&cxt);
+		PG_RETURN_BOOL(false);
+	}
+	worker = SPI_getbinval(row, desc, 3, &worker_isnull);
+	step = DatumGetInt32(SPI_getbinval(row, desc, 4, &isnull));
+	tenant = SPI_getbinval(row, desc, 5, &tenant_isnull);
+	kind = TextDatumGetCString(SPI_getbinval(row, desc, 6, &isnull));
+	/* copy out of SPI memory before the next statement frees it */
+	{
+		MemoryContext old = MemoryContextSwitchTo(CurTransactionContext);
+		char	   *tenant_str = tenant_isnull ? NULL : TextDatumGetCString(tenant);
+
+		kind = pstrdup(kind);
+		MemoryContextSwitchTo(old);
+
+		store_run_plan(&cancel_plan,
+				 "UPDATE jobloop.job SET status = 'cancelled', finished_at = now(), updated_at = now(),"
+				 " worker = NULL, lease_expires_at = NULL, request = NULL WHERE id = $1",
+				 1, types, values, NULL, SPI_OK_UPDATE);
+		leave_owner_context(&cxt);
+
+		notify_job(id, "cancelled", step, tenant_str, kind);
+	}
+	if (!worker_isnull)
+		cancel_at_commit(DatumGetInt32(worker), id);
+	PG_RETURN_BOOL(true);
+}

@@ -1,0 +1,583 @@
+/*-------------------------------------------------------------------------
+ *
+ * batch.c
+ *		The worker's transaction: advance every job whose call finished,
+ *		renew leases, claim new jobs -- then commit, then act.
+ *
+ * Order matters for the crash model.  Inside the transaction, each job's
+ * business logic (step, done, request) runs in its own subtransaction so an
+ * error fails that job alone; the results of all jobs are written with one
+ * UPDATE; the commit makes them durable; only then are the next requests
+ * sent.  A crash at any point therefore leaves each job at its last
+ * committed step, and the step is redone (at least once, with the same
+ * Idempotency-Key), never counted twice.
+ *
+ * Subtransactions that write get their own XIDs, and more than 64 of those
+ * in one transaction overflow the subxid cache in PGPROC, which slows every
+ * snapshot in the cluster.  So the batch commits early whenever it has
+ * used MAX_WRITING_SUBXACTS of them (only business logic that writes can
+ * make that happen).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include <math.h>
+
+#include "access/xact.h"
+#include "common/pg_prng.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/proc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timeout.h"
+
+#include <curl/curl.h>
+
+#define MAX_WRITING_SUBXACTS	60
+#define MAX_CLAIM				1000
+#define IDLE_CLAIM_INTERVAL_MS	1000
+#define MAX_RETRY_AFTER_MS		(3600 * 1000)
+
+bool		batch_claim_wanted = true;
+TimestampTz batch_next_claim_at = 0;
+
+/* What to do with a job once the transaction has committed. */
+typedef enum AfterCommit
+{
+	AFTER_SEND,					/* send its request at not_before */
+	AFTER_DROP					/* forget it: finished, released, or lost */
+} AfterCommit;
+
+typedef struct Pending
+{
+	HeldJob    *job;
+	AfterCommit after;
+	TimestampTz not_before;
+	int			update;			/* index into updates, or -1 */
+	const char *notify_status;	/* notify when the update applies */
+} Pending;
+
+static MemoryContext batch_cxt = NULL;
+static Pending *pendings = NULL;
+static JobUpdate *updates = NULL;
+static int	npendings = 0;
+static int	nupdates = 0;
+static int	capacity = 0;
+static int	writing_subxacts = 0;
+
+/* ---- transaction scaffolding ---- */
+
+static void
+begin_transaction(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(batch_cxt);
+	writing_subxacts = 0;
+}
+
+static void
+ensure_capacity(int n)
+{
+	if (npendings + n <= capacity)
+		return;
+	capacity = Max(capacity * 2, npendings + n);
+	pendings = repalloc(pendings, capacity * sizeof(Pending));
+	updates = repalloc(updates, capacity * sizeof(JobUpdate));
+}
+
+static Pending *
+add_pending(HeldJob *job, AfterCommit after, TimestampTz not_before)
+{
+	Pending    *p;
+
+	ensure_capacity(1);
+	p = &pendings[npendings++];
+	p->job = job;
+	p->after = after;
+	p->not_before = not_before;
+	p->update = -1;
+	p->notify_status = NULL;
+	return p;
+}
+
+static JobUpdate *
+add_update(Pending *p, const char *status)
+{
+	JobUpdate  *u = &updates[nupdates];
+	HeldJob    *job = p->job;
+
+	p->update = nupdates++;
+	memset(u, 0, sizeof(*u));
+	u->id = job->id;
+	u->status = status;
+	u->step = job->step;
+	u->state = job->state;
+	u->request = strcmp(status, "running") == 0 ? job->request_json : NULL;
+	u->attempts = job->attempts;
+	u->release = strcmp(status, "running") != 0;
+	return u;
+}
+
+/* Write, commit, then act: send what is due, forget what is gone. */
+static void
+commit_and_act(void)
+{
+	bool	   *applied = palloc(Max(nupdates, 1) * sizeof(bool));
+	TimestampTz now;
+
+	(void) store_update_jobs(updates, nupdates, applied);
+	for (int i = 0; i < npendings; i++)
+	{
+		Pending    *p = &pendings[i];
+
+		if (p->update < 0)
+			continue;
+		if (!applied[p->update])
+			p->after = AFTER_DROP;	/* cancelled or lease lost meanwhile */
+		else if (p->notify_status)
+			notify_job(p->job->id, p->notify_status, p->job->step, p->job->tenant, p->job->kind_name);
+	}
+
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+
+	now = GetCurrentTimestamp();
+	for (int i = 0; i < npendings; i++)
+	{
+		Pending    *p = &pendings[i];
+
+		if (p->after == AFTER_DROP)
+			held_drop(p->job);
+		else
+			held_schedule(p->job, p->not_before);
+	}
+	held_send_due(now);
+	npendings = 0;
+	nupdates = 0;
+}
+
+/* ---- isolation of one job's business logic ---- */
+
+typedef struct Advance
+{
+	HeldJob    *job;
+	Jsonb	   *response;		/* NULL: no step, only the next request */
+	/* results, applied to the job by settle() only if the subtransaction commits */
+	Jsonb	   *new_state;		/* set when a step ran */
+	bool		completed;
+	const char *failure;
+	Jsonb	   *request_json;
+	HttpRequest *request;
+} Advance;
+
+/* done? max_steps? request(state)?  Sets the outcome in a. */
+static void
+next_request(Advance *a)
+{
+	HeldJob    *job = a->job;
+	Jsonb	   *state = a->new_state ? a->new_state : job->state;
+	int32		step = job->step + (a->new_state ? 1 : 0);
+	bool		finished;
+
+	if (logic_done(job->kind, job->owner, state))
+	{
+		a->completed = true;
+		return;
+	}
+	if (step >= job->kind->max_steps)
+	{
+		a->failure = psprintf("job reached max_steps (%d) without finishing", job->kind->max_steps);
+		return;
+	}
+	a->request_json = logic_request(job->kind, job->owner, state, &finished);
+	if (finished)
+	{
+		a->completed = true;
+		return;
+	}
+	a->request = request_parse(a->request_json, batch_cxt);
+}
+
+static void
+advance(Advance *a)
+{
+	HeldJob    *job = a->job;
+
+	if (a->response)
+		a->new_state = logic_step(job->kind, job->owner, job->state, a->response);
+	else if (job->request_json)
+	{
+		/* reclaimed: resend what the last committed step asked for */
+		a->request_json = job->request_json;
+		a->request = request_parse(job->request_json, batch_cxt);
+		return;
+	}
+	next_request(a);
+}
+
+static char *
+error_text(ErrorData *edata)
+{
+	if (edata->detail)
+		return psprintf("%s (%s)", edata->message, edata->detail);
+	return pstrdup(edata->message);
+}
+
+/* Run advance() in a subtransaction; on error, a->failure says why. */
+static void
+advance_isolated(Advance *a)
+{
+	ResourceOwner owner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(batch_cxt);
+	PG_TRY();
+	{
+		advance(a);
+		if (TransactionIdIsValid(GetCurrentTransactionIdIfAny()))
+			writing_subxacts++;
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(batch_cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(batch_cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(batch_cxt);
+		CurrentResourceOwner = owner;
+		disable_timeout(STATEMENT_TIMEOUT, false);
+
+		/* nothing of this step stands: the job keeps its committed state */
+		a->new_state = NULL;
+		a->completed = false;
+		a->request = NULL;
+		a->request_json = NULL;
+		a->failure = error_text(edata);
+	}
+	PG_END_TRY();
+}
+
+/* Apply an advance to the job, and queue its row update and after-commit action. */
+static void
+settle(Advance *a, TimestampTz now)
+{
+	HeldJob    *job = a->job;
+	Pending    *p;
+	JobUpdate  *u;
+
+	if (a->failure)
+	{
+		p = add_pending(job, AFTER_DROP, 0);
+		u = add_update(p, "failed");
+		u->last_error = a->failure;
+		p->notify_status = "failed";
+		return;
+	}
+	if (a->new_state)
+	{
+		held_set_state(job, a->new_state);
+		job->step++;
+		job->attempts = 0;
+	}
+	if (a->completed)
+	{
+		p = add_pending(job, AFTER_DROP, 0);
+		(void) add_update(p, "completed");
+		p->notify_status = "completed";
+	}
+	else
+	{
+		TimestampTz due = now + (TimestampTz) a->request->delay_ms * 1000;
+		bool		release = a->request->delay_ms > jobloop_hold_delay;
+
+		held_set_request(job, a->request_json, request_copy(a->request, held_context()));
+		p = add_pending(job, release ? AFTER_DROP : AFTER_SEND, due);
+		if (a->new_state || release)
+		{
+			u = add_update(p, "running");
+			u->release = release;
+			u->run_after = release ? due : 0;
+			if (job->kind->notify_steps && a->new_state)
+				p->notify_status = "running";
+		}
+	}
+}
+
+/* ---- responses ---- */
+
+static bool
+retryable_status(long status)
+{
+	return status == 408 || status == 425 || status == 429 || status == 500 ||
+		status == 502 || status == 503 || status == 504;
+}
+
+static const char *
+reason_phrase(long status)
+{
+	switch (status)
+	{
+		case 408: return "Request Timeout";
+		case 425: return "Too Early";
+		case 429: return "Too Many Requests";
+		case 500: return "Internal Server Error";
+		case 502: return "Bad Gateway";
+		case 503: return "Service Unavailable";
+		case 504: return "Gateway Timeout";
+		default: return "";
+	}
+}
+
+/* Retry-After in milliseconds (delta-seconds or an HTTP date), or -1. */
+static int64
+retry_after_ms(const HttpResult *res)
+{
+	char	   *value = response_header(res, "retry-after");
+	char	   *end;
+	long		secs;
+	time_t		when;
+
+	if (value == NULL)
+		return -1;
+	secs = strtol(value, &end, 10);
+	if (end != value && *end == '\0' && secs >= 0)
+		return Min((int64) secs * 1000, MAX_RETRY_AFTER_MS);
+	when = curl_getdate(value, NULL);
+	if (when < 0)
+		return -1;
+	return Min(Max((int64) (when - time(NULL)) * 1000, 0), MAX_RETRY_AFTER_MS);
+}
+
+/* Exponential backoff with equal jitter, never shorter than Retry-After. */
+static int64
+backoff_ms(Kind *kind, int attempts, int64 retry_after)
+{
+	double		d = (double) kind->backoff_ms * pow(2.0, attempts - 1);
+	int64		delay;
+
+	d = Min(d, (double) kind->max_backoff_ms);
+	delay = (int64) (d / 2 + pg_prng_double(&pg_global_prng_state) * d / 2);
+	return Max(delay, retry_after);
+}
+
+static void
+retry_later(HeldJob *job, const char *error, int64 retry_after, TimestampTz now)
+{
+	int64		delay = backoff_ms(job->kind, job->attempts, retry_after);
+	bool		release = delay > jobloop_hold_delay;
+	TimestampTz due = now + delay * 1000;
+	Pending    *p = add_pending(job, release ? AFTER_DROP : AFTER_SEND, due);
+	JobUpdate  *u = add_update(p, "running");
+
+	u->last_error = psprintf("%s (attempt %d of %d)", error, job->attempts, job->kind->max_attempts);
+	u->release = release;
+	u->run_after = due;
+}
+
+static void
+process_response(HeldJob *job, TimestampTz now)
+{
+	HttpResult *res = &job->result;
+	Advance		a = {job};
+	char	   *error = NULL;
+	bool		retryable = false;
+
+	if (res->refused)
+		error = res->error;
+	else if (res->too_large)
+		error = psprintf("response exceeds jobloop.max_response_size (%d bytes)", jobloop_max_response_size);
+	else if (res->curl_code != 0)
+	{
+		error = res->error;
+		retryable = true;
+	}
+	else if (retryable_status(res->status))
+	{
+		error = psprintf("HTTP %ld %s", res->status, reason_phrase(res->status));
+		retryable = true;
+	}
+
+	if (error == NULL)
+		a.response = response_build(res);
+	else
+	{
+		job->attempts++;
+		if (retryable && job->attempts < job->kind->max_attempts)
+		{
+			retry_later(job, error, retry_after_ms(res), now);
+			goto done;
+		}
+		if (retryable)
+			error = psprintf("%s after %d attempts", error, job->attempts);
+		if (!job->kind->step_sees_errors)
+		{
+			a.failure = error;
+			settle(&a, now);
+			goto done;
+		}
+		a.response = response_build_error(res, error, job->attempts);
+	}
+	advance_isolated(&a);
+	settle(&a, now);
+
+done:
+	http_done(job->transfer);
+	job->transfer = NULL;
+	job->phase = HELD_IDLE;
+}
+
+/* ---- claims ---- */
+
+static void
+start_claimed(ClaimedJob *c, TimestampTz now)
+{
+	HeldJob    *job = held_add(c);
+	Advance		a = {job};
+
+	job->kind = kinds_lookup(c->kind);
+	if (c->was_pending)
+		notify_job(job->id, "running", job->step, job->tenant, job->kind_name);
+	if (job->kind == NULL)
+	{
+		a.failure = psprintf("job kind \"%s\" no longer exists", c->kind);
+		settle(&a, now);
+		return;
+	}
+	advance_isolated(&a);
+	settle(&a, now);
+}
+
+static void
+claim(TimestampTz now)
+{
+	int			free_slots = jobloop_max_in_flight - held_count();
+	int			limit = Min(free_slots, MAX_CLAIM);
+	ClaimedJob *claimed;
+	int			n;
+
+	if (limit <= 0)
+		return;
+	claimed = palloc(limit * sizeof(ClaimedJob));
+	n = store_claim(limit, claimed, batch_cxt);
+	for (int i = 0; i < n; i++)
+	{
+		start_claimed(&claimed[i], now);
+		if (writing_subxacts >= MAX_WRITING_SUBXACTS)
+		{
+			commit_and_act();
+			begin_transaction();
+		}
+	}
+
+	/* a full claim means more may be waiting; otherwise sleep until the next is due */
+	batch_claim_wanted = (n == limit);
+	if (!batch_claim_wanted)
+	{
+		TimestampTz next = store_next_runnable();
+		TimestampTz idle = now + IDLE_CLAIM_INTERVAL_MS * INT64CONST(1000);
+
+		batch_next_claim_at = (next == 0 || next > idle) ? idle :
+			Max(next, now + 50 * INT64CONST(1000));
+	}
+}
+
+/* ---- cancels lost to a full queue ---- */
+
+static int
+compare_id(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
+static void
+rescan_held(void)
+{
+	int			n = held_count();
+	HeldJob   **jobs = palloc(Max(n, 1) * sizeof(HeldJob *));
+	int64	   *ids = palloc(Max(n, 1) * sizeof(int64));
+	int			nids;
+
+	n = held_all(jobs, n);
+	nids = store_held_ids(ids, n);
+	qsort(ids, nids, sizeof(int64), compare_id);
+	for (int i = 0; i < n; i++)
+		if (jobs[i]->phase != HELD_IDLE &&
+			!bsearch(&jobs[i]->id, ids, nids, sizeof(int64), compare_id))
+			held_drop(jobs[i]);
+}
+
+/*
+ * One batch: everything the loop found to do since the last one.
+ */
+void
+batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
+		  bool want_claim, bool heartbeat, bool rescan)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (batch_cxt == NULL)
+	{
+		batch_cxt = AllocSetContextCreate(TopMemoryContext, "jobloop batch", ALLOCSET_DEFAULT_SIZES);
+		capacity = 1024;
+		pendings = MemoryContextAlloc(TopMemoryContext, capacity * sizeof(Pending));
+		updates = MemoryContextAlloc(TopMemoryContext, capacity * sizeof(JobUpdate));
+	}
+
+	begin_transaction();
+	pgstat_report_activity(STATE_RUNNING, "jobloop: advancing jobs");
+
+	if (nreleases > 0)
+		store_release(releases, nreleases);
+	if (rescan)
+		rescan_held();
+
+	for (int i = 0; i < nresponded; i++)
+	{
+		responded[i]->kind = kinds_lookup(responded[i]->kind_name);
+		if (responded[i]->kind == NULL)
+		{
+			Advance		a = {responded[i]};
+
+			a.failure = psprintf("job kind \"%s\" no longer exists", responded[i]->kind_name);
+			http_done(responded[i]->transfer);
+			responded[i]->transfer = NULL;
+			responded[i]->phase = HELD_IDLE;
+			settle(&a, now);
+			continue;
+		}
+		process_response(responded[i], now);
+		if (writing_subxacts >= MAX_WRITING_SUBXACTS)
+		{
+			commit_and_act();
+			begin_transaction();
+		}
+	}
+
+	if (heartbeat)
+	{
+		if (store_reap_expired() > 0)
+			want_claim = batch_claim_wanted = true;
+		store_extend_leases();
+	}
+	if (want_claim)
+		claim(now);
+
+	commit_and_act();
+	MemoryContextReset(batch_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}

@@ -1,0 +1,172 @@
+/*-------------------------------------------------------------------------
+ *
+ * jobloop.c
+ *		Module load: GUCs, shared-memory hooks and worker registration.
+ *
+ * The library must be in shared_preload_libraries for workers to run.  When
+ * it is merely loaded by a backend (to call the SQL API), only the GUCs are
+ * defined; submit and cancel then still work, and the jobs wait for a
+ * worker.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include <limits.h>
+
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "utils/guc.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+char	   *jobloop_database = NULL;
+int			jobloop_workers = 1;
+int			jobloop_max_in_flight = 1000;
+int			jobloop_lease_timeout = 60;
+char	   *jobloop_allowed_hosts = NULL;
+int			jobloop_max_response_size = 10 * 1024 * 1024;
+int			jobloop_request_timeout = 30000;
+int			jobloop_function_timeout = 10000;
+int			jobloop_hold_delay = 10000;
+int			jobloop_max_redirects = 5;
+
+static void
+allowed_hosts_assign(const char *newval, void *extra)
+{
+	/* parsed lazily by the guard, which notices the change */
+	guard_reload();
+}
+
+static void
+define_gucs(void)
+{
+	DefineCustomStringVariable("jobloop.database",
+							   "Database the jobloop workers serve.",
+							   NULL,
+							   &jobloop_database,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.workers",
+							"Number of jobloop background workers.",
+							NULL,
+							&jobloop_workers,
+							1, 0, JOBLOOP_MAX_WORKERS,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.max_in_flight",
+							"Maximum number of jobs one worker holds at once (in flight or waiting a short delay).",
+							NULL,
+							&jobloop_max_in_flight,
+							1000, 1, 100000,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.lease_timeout",
+							"How long a claimed job stays with its worker without a heartbeat.",
+							"After that another worker may claim it.",
+							&jobloop_lease_timeout,
+							60, 5, 86400,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("jobloop.allowed_hosts",
+							   "Non-public hosts and networks that jobs may call.",
+							   "Comma-separated host names, addresses or CIDR networks; "
+							   "loopback, private and link-local addresses are refused unless listed here. "
+							   "'*' allows every address.",
+							   &jobloop_allowed_hosts,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_LIST_INPUT,
+							   NULL, allowed_hosts_assign, NULL);
+
+	DefineCustomIntVariable("jobloop.max_response_size",
+							"Largest response body a job may receive.",
+							NULL,
+							&jobloop_max_response_size,
+							10 * 1024 * 1024, 1024, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.request_timeout",
+							"Default total timeout of one HTTP request.",
+							"A kind's timeout or a request's timeout_ms overrides it.",
+							&jobloop_request_timeout,
+							30000, 1, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.function_timeout",
+							"Longest a request, step or done function may run for one job.",
+							"0 disables the limit.",
+							&jobloop_function_timeout,
+							10000, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.hold_delay",
+							"Longest wait (delay or retry backoff) during which a worker keeps a job in memory.",
+							"Longer waits release the job to the table; any worker picks it up when it is due.",
+							&jobloop_hold_delay,
+							10000, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.max_redirects",
+							"Maximum number of HTTP redirects a request follows.",
+							NULL,
+							&jobloop_max_redirects,
+							5, 0, 50,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("jobloop");
+}
+
+static void
+register_workers(void)
+{
+	for (int i = 1; i <= jobloop_workers; i++)
+	{
+		BackgroundWorker worker;
+
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		/* restart soon after an error; after a crash the postmaster restarts us at once */
+		worker.bgw_restart_time = 5;
+		snprintf(worker.bgw_library_name, BGW_MAXLEN, "jobloop");
+		snprintf(worker.bgw_function_name, BGW_MAXLEN, "jobloop_worker_main");
+		snprintf(worker.bgw_name, BGW_MAXLEN, "jobloop worker %d", i);
+		snprintf(worker.bgw_type, BGW_MAXLEN, "jobloop worker");
+		worker.bgw_main_arg = Int32GetDatum(i);
+		RegisterBackgroundWorker(&worker);
+	}
+}
+
+void
+_PG_init(void)
+{
+	define_gucs();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	shared_install_hooks();
+	register_workers();
+}

@@ -1,0 +1,253 @@
+/*-------------------------------------------------------------------------
+ *
+ * jobloop.h
+ *		Declarations shared by jobloop's source files.
+ *
+ * Each .c file owns one concern; this header is the only coupling between
+ * them.  Functions are grouped by the file that defines them.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef JOBLOOP_H
+#define JOBLOOP_H
+
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "storage/latch.h"
+#include "storage/spin.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#define JOBLOOP_VERSION		"0.1.0"
+#define JOBLOOP_CHANNEL		"jobloop"
+#define JOBLOOP_MAX_WORKERS	64
+
+/* ---- jobloop.c: GUCs ---- */
+extern char *jobloop_database;
+extern int	jobloop_workers;
+extern int	jobloop_max_in_flight;
+extern int	jobloop_lease_timeout;		/* seconds */
+extern char *jobloop_allowed_hosts;
+extern int	jobloop_max_response_size;	/* bytes */
+extern int	jobloop_request_timeout;	/* ms */
+extern int	jobloop_function_timeout;	/* ms */
+extern int	jobloop_hold_delay;			/* ms */
+extern int	jobloop_max_redirects;
+
+/* ---- shared.c: shared memory between backends and workers ---- */
+#define CANCEL_QUEUE_SIZE	256
+
+typedef struct WorkerSlot
+{
+	slock_t		mutex;			/* protects everything below */
+	pid_t		pid;			/* 0 when no worker runs in this slot */
+	Latch	   *latch;
+	int			ncancels;
+	bool		cancel_overflow;	/* queue overflowed: worker must rescan */
+	int64		cancels[CANCEL_QUEUE_SIZE];
+} WorkerSlot;
+
+typedef struct JobloopShared
+{
+	int			nworkers;
+	WorkerSlot	workers[FLEXIBLE_ARRAY_MEMBER];
+} JobloopShared;
+
+extern void shared_install_hooks(void);
+extern bool shared_available(void);
+extern void shared_attach_worker(int worker);
+extern void shared_wake_workers(void);
+extern void shared_post_cancel(int worker, int64 job_id);
+extern int	shared_take_cancels(int worker, int64 *ids, int max, bool *overflow);
+
+/* ---- guard.c: which addresses outbound HTTP may reach ---- */
+struct sockaddr;
+extern bool guard_address_allowed(const struct sockaddr *addr, const char *host,
+								  const char **reason);
+extern void guard_reload(void);
+
+/* ---- request.c: request JSON -> HttpRequest; transfer -> response JSON ---- */
+typedef struct HttpRequest
+{
+	char	   *url;
+	char	   *method;			/* upper case */
+	char	  **headers;		/* "Name: value" */
+	int			nheaders;
+	bool		has_idempotency_key;
+	bool		has_content_type;
+	char	   *body;			/* NULL for none */
+	size_t		body_len;
+	bool		body_is_json;
+	int			timeout_ms;		/* 0: the kind's or the GUC default */
+	int			delay_ms;
+	char	   *rate_key;		/* NULL: host:port of url */
+} HttpRequest;
+
+typedef struct HttpResult
+{
+	int			curl_code;		/* CURLcode; 0 = a response arrived */
+	char	   *error;			/* transport error text, palloc'd */
+	long		status;
+	char	   *headers;		/* raw header block of the final response */
+	size_t		headers_len;
+	char	   *body;
+	size_t		body_len;
+	bool		too_large;
+	bool		refused;		/* the guard refused the address */
+	int64		elapsed_ms;
+} HttpResult;
+
+extern HttpRequest *request_parse(Jsonb *request, MemoryContext cxt);
+extern HttpRequest *request_copy(const HttpRequest *req, MemoryContext cxt);
+extern void request_free(HttpRequest *req);
+extern Jsonb *response_build(const HttpResult *res);
+extern Jsonb *response_build_error(const HttpResult *res, const char *error, int attempts);
+extern char *response_header(const HttpResult *res, const char *name);
+
+/* ---- http.c: libcurl multi, driven from the worker's WaitEventSet ---- */
+typedef struct Transfer Transfer;
+
+extern void http_init(void);
+extern int	http_epoll_fd(void);
+extern Transfer *http_start(const HttpRequest *req, const char *idempotency_key,
+							int default_timeout_ms, void *owner);
+extern void http_abort(Transfer *xfer);
+extern void http_socket_ready(void);
+extern void http_timer_fired(TimestampTz now);
+extern TimestampTz http_next_timeout(void);
+extern Transfer *http_next_finished(void **owner, HttpResult *result);
+extern void http_done(Transfer *xfer);
+extern int	http_in_flight(void);
+
+/* ---- kinds.c: the worker's cache of jobloop.kind ---- */
+typedef struct Kind
+{
+	char		name[64];		/* hash key */
+	bool		present;		/* still in jobloop.kind */
+	Oid			request_fn;
+	Oid			step_fn;
+	Oid			done_fn;		/* InvalidOid: none */
+	int			max_steps;
+	int			max_attempts;
+	int64		backoff_ms;
+	int64		max_backoff_ms;
+	int			timeout_ms;		/* 0: jobloop.request_timeout */
+	bool		notify_steps;
+	bool		step_sees_errors;	/* on_error = 'step' */
+	bool		fmgr_valid;
+	FmgrInfo	request_finfo;
+	FmgrInfo	step_finfo;
+	FmgrInfo	done_finfo;
+} Kind;
+
+extern Kind *kinds_lookup(const char *name);
+extern void kinds_invalidate(void);
+
+/* ---- logic.c: business logic, run as the job's owner ---- */
+extern Jsonb *logic_request(Kind *kind, Oid owner, Jsonb *state, bool *finished);
+extern Jsonb *logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response);
+extern bool logic_done(Kind *kind, Oid owner, Jsonb *state);
+extern void logic_capture_search_path(void);
+
+/* ---- store.c: every statement the worker runs ---- */
+typedef struct ClaimedJob
+{
+	int64		id;
+	char	   *kind;
+	Oid			owner;
+	char	   *tenant;
+	int32		step;
+	int32		attempts;
+	Jsonb	   *state;
+	Jsonb	   *request;		/* NULL: compute from state */
+	bool		was_pending;
+} ClaimedJob;
+
+typedef struct JobUpdate
+{
+	int64		id;
+	const char *status;
+	int32		step;
+	Jsonb	   *state;
+	Jsonb	   *request;		/* NULL when finished */
+	const char *last_error;
+	int32		attempts;
+	TimestampTz run_after;		/* 0: unchanged */
+	bool		release;		/* give up the lease (finished, or long wait) */
+} JobUpdate;
+
+#include "executor/spi.h"
+extern void store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types,
+						   Datum *values, const char *nulls, int expected);
+extern void store_prepare(int worker);
+extern void store_release_all(int nworkers);
+extern int	store_claim(int limit, ClaimedJob *out, MemoryContext cxt);
+extern TimestampTz store_next_runnable(void);
+extern int	store_update_jobs(JobUpdate *updates, int n, bool *applied);
+extern void store_extend_leases(void);
+extern int	store_reap_expired(void);
+extern void store_release(int64 *ids, int n);
+extern int	store_held_ids(int64 *ids, int max);
+extern bool store_extension_ready(void);
+
+/* ---- api.c: notifications, shared by the API and the worker ---- */
+extern void notify_job(int64 id, const char *status, int32 step, const char *tenant,
+					   const char *kind);
+
+/* ---- held.c: the jobs a worker holds, in memory ---- */
+#include "lib/pairingheap.h"
+
+typedef enum HeldPhase
+{
+	HELD_WAITING,				/* due at not_before (delay, backoff) */
+	HELD_IN_FLIGHT,				/* its HTTP call is running */
+	HELD_RESPONDED,				/* call finished; result awaits the next batch */
+	HELD_IDLE					/* being advanced by the current batch */
+} HeldPhase;
+
+typedef struct HeldJob
+{
+	int64		id;				/* hash key: must be first */
+	HeldPhase	phase;
+	Kind	   *kind;
+	char	   *kind_name;
+	Oid			owner;
+	char	   *tenant;
+	int32		step;			/* completed steps */
+	int32		attempts;		/* failed attempts at the current step */
+	Jsonb	   *state;
+	Jsonb	   *request_json;	/* as returned by the request function */
+	HttpRequest *request;
+	TimestampTz not_before;
+	pairingheap_node heap_node;
+	Transfer   *transfer;
+	HttpResult	result;			/* valid in HELD_RESPONDED */
+} HeldJob;
+
+extern void held_init(void);
+extern HeldJob *held_add(ClaimedJob *claimed);
+extern HeldJob *held_find(int64 id);
+extern void held_drop(HeldJob *job);
+extern int	held_count(void);
+extern void held_set_state(HeldJob *job, Jsonb *state);
+extern void held_set_request(HeldJob *job, Jsonb *request_json, HttpRequest *request);
+extern void held_schedule(HeldJob *job, TimestampTz not_before);
+extern TimestampTz held_next_due(void);
+extern void held_send_due(TimestampTz now);
+extern int	held_collect_responses(HeldJob **out, int max);
+extern int	held_all(HeldJob **out, int max);
+extern MemoryContext held_context(void);
+
+/* ---- batch.c: the transaction that advances jobs ---- */
+extern void batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
+					  bool claim, bool heartbeat, bool rescan);
+extern bool batch_claim_wanted;
+extern TimestampTz batch_next_claim_at;
+
+/* ---- worker.c ---- */
+PGDLLEXPORT void jobloop_worker_main(Datum main_arg);
+
+#endif							/* JOBLOOP_H */

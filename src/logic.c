@@ -1,0 +1,186 @@
+/*-------------------------------------------------------------------------
+ *
+ * logic.c
+ *		Run a kind's request, step and done functions for one job.
+ *
+ * Each call runs as the role that submitted the job, inside a
+ * security-restricted operation (no temp objects, cursors or role changes
+ * that could outlive the call and leak into another role's job, which
+ * shares this worker's session), with its GUC changes undone afterwards and
+ * under jobloop.function_timeout.  The caller wraps a job's calls in a
+ * subtransaction, so an error here fails that job alone; on error the
+ * subtransaction's abort restores the user, the GUCs and the timeout.
+ *
+ * The functions are called through cached FmgrInfo, not SQL: the executor's
+ * EXECUTE check is therefore made here, on every call, because the
+ * submitter's privileges may have changed since submit.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/guc.h"
+#include "utils/regproc.h"
+#include "utils/syscache.h"
+#include "utils/timeout.h"
+
+typedef struct UserCall
+{
+	Oid			saved_userid;
+	int			saved_sec_context;
+	int			saved_nestlevel;
+} UserCall;
+
+/* the search_path the database gives sessions, for the business logic */
+static char *user_search_path = NULL;
+
+void
+logic_capture_search_path(void)
+{
+	user_search_path = MemoryContextStrdup(TopMemoryContext, GetConfigOption("search_path", false, false));
+}
+
+static void
+check_callable(Kind *kind, Oid fn, Oid owner, const char *what)
+{
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(owner)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("the role that submitted this job (OID %u) no longer exists", owner)));
+	if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(fn)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("%s function of job kind \"%s\" no longer exists", what, kind->name),
+				 errhint("Redefine the kind with jobloop.create_kind().")));
+	if (pg_proc_aclcheck(fn, owner, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for function %s", format_procedure(fn)),
+				 errdetail("The job runs as role \"%s\".", GetUserNameFromId(owner, false))));
+}
+
+static void
+ensure_fmgr(Kind *kind)
+{
+	if (kind->fmgr_valid)
+		return;
+	fmgr_info_cxt(kind->request_fn, &kind->request_finfo, TopMemoryContext);
+	fmgr_info_cxt(kind->step_fn, &kind->step_finfo, TopMemoryContext);
+	if (OidIsValid(kind->done_fn))
+		fmgr_info_cxt(kind->done_fn, &kind->done_finfo, TopMemoryContext);
+	kind->fmgr_valid = true;
+}
+
+static void
+begin_call(UserCall *cxt, Kind *kind, Oid fn, Oid owner, const char *what)
+{
+	check_callable(kind, fn, owner, what);
+	ensure_fmgr(kind);
+	GetUserIdAndSecContext(&cxt->saved_userid, &cxt->saved_sec_context);
+	SetUserIdAndSecContext(owner, cxt->saved_sec_context |
+						   SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	cxt->saved_nestlevel = NewGUCNestLevel();
+	/* the worker pins its own search_path; the job gets the database's */
+	if (user_search_path)
+		(void) set_config_option("search_path", user_search_path, PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	if (jobloop_function_timeout > 0)
+		enable_timeout_after(STATEMENT_TIMEOUT, jobloop_function_timeout);
+}
+
+static void
+end_call(UserCall *cxt)
+{
+	if (jobloop_function_timeout > 0)
+	{
+		disable_timeout(STATEMENT_TIMEOUT, false);
+		/* a timeout that fired just after the function returned cancels nothing */
+		if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
+			QueryCancelPending = false;
+	}
+	AtEOXact_GUC(true, cxt->saved_nestlevel);
+	SetUserIdAndSecContext(cxt->saved_userid, cxt->saved_sec_context);
+}
+
+static Datum
+call_function(FmgrInfo *finfo, int nargs, Datum arg0, Datum arg1, bool *isnull)
+{
+	LOCAL_FCINFO(fcinfo, 2);
+	Datum		result;
+
+	InitFunctionCallInfoData(*fcinfo, finfo, nargs, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = arg0;
+	fcinfo->args[0].isnull = false;
+	fcinfo->args[1].value = arg1;
+	fcinfo->args[1].isnull = false;
+	result = FunctionCallInvoke(fcinfo);
+	*isnull = fcinfo->isnull;
+	return result;
+}
+
+static Jsonb *
+object_result(Kind *kind, Oid fn, Datum result, bool isnull, const char *what)
+{
+	Jsonb	   *jb;
+
+	if (isnull)
+		return NULL;
+	jb = DatumGetJsonbP(result);
+	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("%s function %s must return a JSON object", what, format_procedure(fn))));
+	return jb;
+}
+
+/* The next request for state; NULL and *finished when the function says the job is done. */
+Jsonb *
+logic_request(Kind *kind, Oid owner, Jsonb *state, bool *finished)
+{
+	UserCall cxt;
+	Datum		result;
+	bool		isnull;
+
+	begin_call(&cxt, kind, kind->request_fn, owner, "request");
+	result = call_function(&kind->request_finfo, 1, JsonbPGetDatum(state), (Datum) 0, &isnull);
+	end_call(&cxt);
+	*finished = isnull;
+	return object_result(kind, kind->request_fn, result, isnull, "request");
+}
+
+Jsonb *
+logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response)
+{
+	UserCall cxt;
+	Datum		result;
+	bool		isnull;
+	Jsonb	   *new_state;
+
+	begin_call(&cxt, kind, kind->step_fn, owner, "step");
+	result = call_function(&kind->step_finfo, 2, JsonbPGetDatum(state), JsonbPGetDatum(response), &isnull);
+	end_call(&cxt);
+	new_state = object_result(kind, kind->step_fn, result, isnull, "step");
+	if (new_state == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("step function %s returned NULL", format_procedure(kind->step_fn)),
+				 errhint("A step function returns the job's new state, a JSON object.")));
+	return new_state;
+}
+
+bool
+logic_done(Kind *kind, Oid owner, Jsonb *state)
+{
+	UserCall cxt;
+	Datum		result;
+	bool		isnull;
+
+	if (!OidIsValid(kind->done_fn))
+		return false;
+	begin_call(&cxt, kind, kind->done_fn, owner, "done");
+	result = call_function(&kind->done_finfo, 1, JsonbPGetDatum(state), (Datum) 0, &isnull);
+	end_call(&cxt);
+	return !isnull && DatumGetBool(result);
+}

@@ -1,0 +1,446 @@
+/*-------------------------------------------------------------------------
+ *
+ * request.c
+ *		The request JSON a request function returns, and the response JSON
+ *		a step function receives.
+ *
+ * request_parse validates strictly (an unknown key is an error, so a typo
+ * fails the job loudly instead of being ignored) and copies what the HTTP
+ * layer needs into a plain struct, so that nothing after the commit can
+ * raise an error.  response_build turns a finished transfer into
+ *   {"status": 200, "headers": {...}, "body": <JSON or text>, "elapsed_ms": n}
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include <ctype.h>
+#include <math.h>
+
+#include "common/jsonapi.h"
+#include "mb/pg_wchar.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/numeric.h"
+
+#define MAX_URL_LEN		8192
+#define MAX_HEADERS		100
+
+static void
+invalid_request(const char *detail)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid request: %s", detail),
+			 errhint("A request is a JSON object: {\"url\": ..., \"method\": ..., \"headers\": {...}, "
+					 "\"body\": ..., \"timeout_ms\": n, \"delay_ms\": n, \"rate_key\": ...}.")));
+}
+
+static char *
+string_value(JsonbValue *v, const char *key)
+{
+	if (v->type != jbvString)
+		invalid_request(psprintf("\"%s\" must be a string", key));
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+static int
+int_value(JsonbValue *v, const char *key, int min)
+{
+	double		d;
+
+	if (v->type != jbvNumeric)
+		invalid_request(psprintf("\"%s\" must be a number", key));
+	d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow,
+										   NumericGetDatum(v->val.numeric)));
+	if (isnan(d) || d < min || d > INT_MAX)
+		invalid_request(psprintf("\"%s\" must be between %d and %d", key, min, INT_MAX));
+	return (int) d;
+}
+
+static bool
+has_control_chars(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char) *s < 0x20 || *s == 0x7f)
+			return true;
+	return false;
+}
+
+static void
+check_url(const char *url)
+{
+	if (strlen(url) > MAX_URL_LEN)
+		invalid_request("\"url\" is too long");
+	if (pg_strncasecmp(url, "http://", 7) != 0 && pg_strncasecmp(url, "https://", 8) != 0)
+		invalid_request(psprintf("unsupported URL \"%s\": only http and https are allowed", url));
+	if (has_control_chars(url) || strchr(url, ' '))
+		invalid_request("\"url\" contains spaces or control characters");
+}
+
+static char *
+check_method(char *method)
+{
+	static const char *const methods[] = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"};
+
+	for (char *p = method; *p; p++)
+		*p = pg_toupper((unsigned char) *p);
+	for (int i = 0; i < lengthof(methods); i++)
+		if (strcmp(method, methods[i]) == 0)
+			return method;
+	invalid_request(psprintf("unsupported method \"%s\"", method));
+	return NULL;				/* keep compiler quiet */
+}
+
+static bool
+is_token_char(unsigned char c)
+{
+	return isalnum(c) || strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+static void
+add_header(HttpRequest *req, const char *name, int namelen, JsonbValue *v)
+{
+	char	   *value;
+	char	   *n = pnstrdup(name, namelen);
+
+	if (namelen == 0)
+		invalid_request("header names must not be empty");
+	for (int i = 0; i < namelen; i++)
+		if (!is_token_char((unsigned char) name[i]))
+			invalid_request(psprintf("invalid header name \"%s\"", n));
+	if (pg_strcasecmp(n, "Content-Length") == 0 || pg_strcasecmp(n, "Transfer-Encoding") == 0 ||
+		pg_strcasecmp(n, "Host") == 0)
+		invalid_request(psprintf("header \"%s\" is set by jobloop", n));
+	if (v->type == jbvString)
+		value = pnstrdup(v->val.string.val, v->val.string.len);
+	else if (v->type == jbvNumeric)
+		value = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+	else
+		invalid_request(psprintf("header \"%s\" must be a string or a number", n));
+	if (has_control_chars(value))
+		invalid_request(psprintf("header \"%s\" contains control characters", n));
+	if (req->nheaders >= MAX_HEADERS)
+		invalid_request("too many headers");
+	if (pg_strcasecmp(n, "Idempotency-Key") == 0)
+		req->has_idempotency_key = true;
+	if (pg_strcasecmp(n, "Content-Type") == 0)
+		req->has_content_type = true;
+	req->headers[req->nheaders++] = psprintf("%s: %s", n, value);
+}
+
+static void
+parse_headers(HttpRequest *req, JsonbValue *v)
+{
+	JsonbIterator *it;
+	JsonbValue	key,
+				val;
+	JsonbIteratorToken tok;
+
+	if (v->type != jbvBinary || !JsonContainerIsObject(v->val.binary.data))
+		invalid_request("\"headers\" must be an object");
+	req->headers = palloc(MAX_HEADERS * sizeof(char *));
+	it = JsonbIteratorInit(v->val.binary.data);
+	while ((tok = JsonbIteratorNext(&it, &key, true)) != WJB_DONE)
+	{
+		if (tok != WJB_KEY)
+			continue;
+		(void) JsonbIteratorNext(&it, &val, true);
+		add_header(req, key.val.string.val, key.val.string.len, &val);
+	}
+}
+
+static void
+parse_body(HttpRequest *req, JsonbValue *v)
+{
+	if (v->type == jbvString)
+	{
+		req->body = pnstrdup(v->val.string.val, v->val.string.len);
+		req->body_len = v->val.string.len;
+		return;
+	}
+	if (v->type == jbvNull)
+		return;
+	if (v->type == jbvBinary)
+		req->body = JsonbToCString(NULL, v->val.binary.data, v->val.binary.len);
+	else
+	{
+		Jsonb	   *scalar = JsonbValueToJsonb(v);
+
+		req->body = JsonbToCString(NULL, &scalar->root, VARSIZE(scalar));
+	}
+	req->body_len = strlen(req->body);
+	req->body_is_json = true;
+}
+
+/* Validate a request and copy it into cxt; raises an error for a bad one. */
+HttpRequest *
+request_parse(Jsonb *request, MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	HttpRequest *req = palloc0(sizeof(HttpRequest));
+	JsonbIterator *it;
+	JsonbValue	key,
+				val;
+	JsonbIteratorToken tok;
+
+	if (!JB_ROOT_IS_OBJECT(request) || JB_ROOT_IS_SCALAR(request))
+		invalid_request("the request must be a JSON object");
+
+	req->method = pstrdup("GET");
+	it = JsonbIteratorInit(&request->root);
+	while ((tok = JsonbIteratorNext(&it, &key, true)) != WJB_DONE)
+	{
+		char	   *k;
+
+		if (tok != WJB_KEY)
+			continue;
+		k = pnstrdup(key.val.string.val, key.val.string.len);
+		(void) JsonbIteratorNext(&it, &val, true);
+		if (strcmp(k, "url") == 0)
+			req->url = string_value(&val, k);
+		else if (strcmp(k, "method") == 0)
+			req->method = check_method(string_value(&val, k));
+		else if (strcmp(k, "headers") == 0)
+			parse_headers(req, &val);
+		else if (strcmp(k, "body") == 0)
+			parse_body(req, &val);
+		else if (strcmp(k, "timeout_ms") == 0)
+			req->timeout_ms = int_value(&val, k, 1);
+		else if (strcmp(k, "delay_ms") == 0)
+			req->delay_ms = int_value(&val, k, 0);
+		else if (strcmp(k, "rate_key") == 0)
+			req->rate_key = string_value(&val, k);
+		else
+			invalid_request(psprintf("unrecognized key \"%s\"", k));
+		pfree(k);
+	}
+	if (req->url == NULL)
+		invalid_request("\"url\" is missing");
+	check_url(req->url);
+	if (req->body && (strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0))
+		invalid_request(psprintf("a %s request cannot have a body", req->method));
+
+	MemoryContextSwitchTo(old);
+	return req;
+}
+
+/* A deep copy, so a request parsed in a short-lived context can be kept. */
+HttpRequest *
+request_copy(const HttpRequest *req, MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	HttpRequest *copy = palloc(sizeof(HttpRequest));
+
+	*copy = *req;
+	copy->url = pstrdup(req->url);
+	copy->method = pstrdup(req->method);
+	copy->headers = req->nheaders > 0 ? palloc(req->nheaders * sizeof(char *)) : NULL;
+	for (int i = 0; i < req->nheaders; i++)
+		copy->headers[i] = pstrdup(req->headers[i]);
+	if (req->body)
+	{
+		copy->body = palloc(req->body_len + 1);
+		memcpy(copy->body, req->body, req->body_len);
+		copy->body[req->body_len] = '\0';
+	}
+	copy->rate_key = req->rate_key ? pstrdup(req->rate_key) : NULL;
+	MemoryContextSwitchTo(old);
+	return copy;
+}
+
+void
+request_free(HttpRequest *req)
+{
+	if (req == NULL)
+		return;
+	for (int i = 0; i < req->nheaders; i++)
+		pfree(req->headers[i]);
+	if (req->headers)
+		pfree(req->headers);
+	pfree(req->url);
+	pfree(req->method);
+	if (req->body)
+		pfree(req->body);
+	if (req->rate_key)
+		pfree(req->rate_key);
+	pfree(req);
+}
+
+/* ---- responses ---- */
+
+/*
+ * Append text as a JSON string, replacing what a jsonb string cannot hold
+ * (NUL bytes, invalid encoding) so a binary or garbled body still reaches
+ * the step function.
+ */
+static void
+append_text_json(StringInfo buf, const char *s, size_t len)
+{
+	StringInfoData clean;
+	int			enc = GetDatabaseEncoding();
+	size_t		i = 0;
+
+	initStringInfo(&clean);
+	while (i < len)
+	{
+		int			n;
+
+		if (s[i] == '\0')
+			n = -1;
+		else if (IS_HIGHBIT_SET(s[i]))
+			n = pg_encoding_verifymbchar(enc, s + i, (int) Min(len - i, INT_MAX));
+		else
+			n = 1;
+		if (n > 0)
+		{
+			appendBinaryStringInfo(&clean, s + i, n);
+			i += n;
+		}
+		else
+		{
+			appendStringInfoString(&clean, enc == PG_UTF8 ? "\xEF\xBF\xBD" : "?");
+			i++;
+		}
+	}
+	escape_json(buf, clean.data);
+	pfree(clean.data);
+}
+
+static bool
+body_is_json(const HttpResult *res, const char *content_type)
+{
+	JsonLexContext *lex;
+	size_t		i = 0;
+
+	if (res->body_len == 0 || memchr(res->body, '\0', res->body_len) != NULL ||
+		!pg_verifymbstr(res->body, (int) Min(res->body_len, INT_MAX), true))
+		return false;
+	/* text/plain "42" stays text; a JSON content type or an object/array is JSON */
+	while (i < res->body_len && isspace((unsigned char) res->body[i]))
+		i++;
+	if (!(content_type && strstr(content_type, "json")) &&
+		!(i < res->body_len && (res->body[i] == '{' || res->body[i] == '[')))
+		return false;
+	lex = makeJsonLexContextCstringLen(res->body, (int) res->body_len, GetDatabaseEncoding(), false);
+	return pg_parse_json(lex, &nullSemAction) == JSON_SUCCESS;
+}
+
+typedef struct HeaderList
+{
+	int			n;
+	char	   *names[MAX_HEADERS];
+	StringInfoData values[MAX_HEADERS];
+} HeaderList;
+
+/* Split the raw header block; names lower-cased, repeated headers joined by ", ". */
+static void
+parse_response_headers(const HttpResult *res, HeaderList *list)
+{
+	const char *p = res->headers;
+	const char *end = res->headers + res->headers_len;
+
+	list->n = 0;
+	while (p && p < end)
+	{
+		const char *eol = memchr(p, '\n', end - p);
+		const char *line_end = eol ? eol : end;
+		const char *colon = memchr(p, ':', line_end - p);
+
+		if (colon && colon > p && pg_strncasecmp(p, "HTTP/", 5) != 0)
+		{
+			char	   *name = pnstrdup(p, colon - p);
+			const char *v = colon + 1;
+			const char *v_end = line_end;
+			int			i;
+
+			for (char *c = name; *c; c++)
+				*c = pg_tolower((unsigned char) *c);
+			while (v < v_end && (*v == ' ' || *v == '\t'))
+				v++;
+			while (v_end > v && (v_end[-1] == '\r' || v_end[-1] == ' ' || v_end[-1] == '\t'))
+				v_end--;
+			for (i = 0; i < list->n; i++)
+				if (strcmp(list->names[i], name) == 0)
+					break;
+			if (i == list->n && list->n < MAX_HEADERS)
+			{
+				list->names[list->n] = name;
+				initStringInfo(&list->values[list->n]);
+				list->n++;
+			}
+			else if (i < list->n)
+				appendStringInfoString(&list->values[i], ", ");
+			if (i < list->n)
+				appendBinaryStringInfo(&list->values[i], v, v_end - v);
+		}
+		p = eol ? eol + 1 : end;
+	}
+}
+
+char *
+response_header(const HttpResult *res, const char *name)
+{
+	HeaderList	list;
+
+	parse_response_headers(res, &list);
+	for (int i = 0; i < list.n; i++)
+		if (pg_strcasecmp(list.names[i], name) == 0)
+			return list.values[i].data;
+	return NULL;
+}
+
+static Jsonb *
+build(const HttpResult *res, const char *error, int attempts)
+{
+	StringInfoData buf;
+	HeaderList	list;
+	char	   *content_type = NULL;
+
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	if (error)
+	{
+		appendStringInfoString(&buf, "\"error\": ");
+		escape_json(&buf, error);
+		appendStringInfo(&buf, ", \"attempts\": %d, ", attempts);
+	}
+	if (res->status > 0)
+		appendStringInfo(&buf, "\"status\": %ld, \"headers\": {", res->status);
+	else
+		appendStringInfoString(&buf, "\"status\": null, \"headers\": {");
+	parse_response_headers(res, &list);
+	for (int i = 0; i < list.n; i++)
+	{
+		if (i > 0)
+			appendStringInfoString(&buf, ", ");
+		append_text_json(&buf, list.names[i], strlen(list.names[i]));
+		appendStringInfoString(&buf, ": ");
+		append_text_json(&buf, list.values[i].data, list.values[i].len);
+		if (strcmp(list.names[i], "content-type") == 0)
+			content_type = list.values[i].data;
+	}
+	appendStringInfoString(&buf, "}, \"body\": ");
+	if (res->body_len == 0)
+		appendStringInfoString(&buf, res->status > 0 ? "\"\"" : "null");
+	else if (body_is_json(res, content_type))
+		appendBinaryStringInfo(&buf, res->body, res->body_len);
+	else
+		append_text_json(&buf, res->body, res->body_len);
+	appendStringInfo(&buf, ", \"elapsed_ms\": " INT64_FORMAT "}", res->elapsed_ms);
+
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+Jsonb *
+response_build(const HttpResult *res)
+{
+	return build(res, NULL, 0);
+}
+
+/* What a kind with on_error = 'step' receives when attempts run out. */
+Jsonb *
+response_build_error(const HttpResult *res, const char *error, int attempts)
+{
+	return build(res, error, attempts);
+}

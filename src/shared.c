@@ -1,0 +1,165 @@
+/*-------------------------------------------------------------------------
+ *
+ * shared.c
+ *		Shared memory between the SQL API (any backend) and the workers.
+ *
+ * One slot per worker holds the worker's latch and a queue of job ids that
+ * were cancelled while the worker held them.  Locking: a slot's spinlock
+ * protects all of that slot's fields; it is held only to copy a few words,
+ * never across a call.  The array itself never changes after startup.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+
+static JobloopShared *shared = NULL;
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static Size
+shared_size(void)
+{
+	return add_size(offsetof(JobloopShared, workers),
+					mul_size(sizeof(WorkerSlot), Max(jobloop_workers, 1)));
+}
+
+static void
+shared_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(shared_size());
+}
+
+static void
+shared_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	shared = ShmemInitStruct("jobloop", shared_size(), &found);
+	if (!found)
+	{
+		memset(shared, 0, shared_size());
+		shared->nworkers = jobloop_workers;
+		for (int i = 0; i < Max(jobloop_workers, 1); i++)
+			SpinLockInit(&shared->workers[i].mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+void
+shared_install_hooks(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = shared_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = shared_startup;
+}
+
+/* False in a backend that did not preload the library: no workers exist. */
+bool
+shared_available(void)
+{
+	return shared != NULL;
+}
+
+static WorkerSlot *
+slot_for(int worker)
+{
+	Assert(shared && worker >= 1 && worker <= shared->nworkers);
+	return &shared->workers[worker - 1];
+}
+
+static void
+detach_worker(int code, Datum arg)
+{
+	WorkerSlot *slot = slot_for(DatumGetInt32(arg));
+
+	SpinLockAcquire(&slot->mutex);
+	slot->pid = 0;
+	slot->latch = NULL;
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * Publish this worker's latch.  Cancels queued for a predecessor are
+ * dropped: the new worker starts by releasing everything it held anyway.
+ */
+void
+shared_attach_worker(int worker)
+{
+	WorkerSlot *slot = slot_for(worker);
+
+	SpinLockAcquire(&slot->mutex);
+	slot->pid = MyProcPid;
+	slot->latch = MyLatch;
+	slot->ncancels = 0;
+	slot->cancel_overflow = false;
+	SpinLockRelease(&slot->mutex);
+	on_shmem_exit(detach_worker, Int32GetDatum(worker));
+}
+
+void
+shared_wake_workers(void)
+{
+	if (!shared)
+		return;
+	for (int i = 0; i < shared->nworkers; i++)
+	{
+		WorkerSlot *slot = &shared->workers[i];
+		Latch	   *latch;
+
+		SpinLockAcquire(&slot->mutex);
+		latch = slot->latch;
+		SpinLockRelease(&slot->mutex);
+		if (latch)
+			SetLatch(latch);
+	}
+}
+
+/* Tell the worker that held job_id to drop it (and abort its call). */
+void
+shared_post_cancel(int worker, int64 job_id)
+{
+	WorkerSlot *slot;
+	Latch	   *latch;
+
+	if (!shared || worker < 1 || worker > shared->nworkers)
+		return;
+	slot = slot_for(worker);
+	SpinLockAcquire(&slot->mutex);
+	if (slot->ncancels < CANCEL_QUEUE_SIZE)
+		slot->cancels[slot->ncancels++] = job_id;
+	else
+		slot->cancel_overflow = true;
+	latch = slot->latch;
+	SpinLockRelease(&slot->mutex);
+	if (latch)
+		SetLatch(latch);
+}
+
+int
+shared_take_cancels(int worker, int64 *ids, int max, bool *overflow)
+{
+	WorkerSlot *slot = slot_for(worker);
+	int			n;
+
+	SpinLockAcquire(&slot->mutex);
+	n = Min(slot->ncancels, max);
+	memcpy(ids, slot->cancels, n * sizeof(int64));
+	memmove(slot->cancels, slot->cancels + n, (slot->ncancels - n) * sizeof(int64));
+	slot->ncancels -= n;
+	*overflow = slot->cancel_overflow;
+	slot->cancel_overflow = false;
+	SpinLockRelease(&slot->mutex);
+	return n;
+}

@@ -1,0 +1,343 @@
+/*-------------------------------------------------------------------------
+ *
+ * store.c
+ *		Every statement the worker runs against the job table.
+ *
+ * Each statement is prepared once per process and kept; all are set-based,
+ * so a batch of a thousand steps is one UPDATE, not a thousand.  The worker
+ * calls these inside its transaction with SPI connected.  Statements that
+ * touch held jobs are fenced by "worker = <this worker>": a job whose lease
+ * was lost (reaped, cancelled) is simply not updated, and the caller drops
+ * it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include "catalog/pg_extension.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+
+static int	my_worker = 0;
+
+void
+store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types,
+			   Datum *values, const char *nulls, int expected)
+{
+	int			rc;
+
+	if (*cache == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		*cache = plan;
+	}
+	rc = SPI_execute_plan(*cache, values, nulls, false, 0);
+	if (rc != expected)
+		elog(ERROR, "SPI_execute_plan failed for \"%s\": %s", sql, SPI_result_code_string(rc));
+}
+
+void
+store_prepare(int worker)
+{
+	my_worker = worker;
+}
+
+bool
+store_extension_ready(void)
+{
+	return OidIsValid(get_extension_oid("jobloop", true));
+}
+
+/*
+ * At start: free every job a previous incarnation of this worker held (it
+ * is dead, so there is no point waiting for its leases), and those of
+ * worker numbers that no longer exist.
+ */
+void
+store_release_all(int nworkers)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		values[2] = {Int32GetDatum(my_worker), Int32GetDatum(nworkers)};
+
+	store_run_plan(&plan,
+				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
+				   " WHERE worker IS NOT NULL AND (worker = $1 OR worker > $2)",
+				   2, types, values, NULL, SPI_OK_UPDATE);
+	if (SPI_processed > 0)
+		elog(LOG, "jobloop worker %d released " UINT64_FORMAT " jobs held before it started",
+			 my_worker, SPI_processed);
+}
+
+static char *
+copy_text(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(row, desc, col, &isnull);
+
+	return isnull ? NULL : MemoryContextStrdup(cxt, TextDatumGetCString(d));
+}
+
+static Jsonb *
+copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(row, desc, col, &isnull);
+	Jsonb	   *jb;
+	Jsonb	   *copy;
+
+	if (isnull)
+		return NULL;
+	jb = DatumGetJsonbP(d);
+	copy = MemoryContextAlloc(cxt, VARSIZE(jb));
+	memcpy(copy, jb, VARSIZE(jb));
+	return copy;
+}
+
+/*
+ * Claim up to limit runnable jobs, oldest first, skipping rows another
+ * worker is claiming right now.  Results are copied into cxt.
+ */
+int
+store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {INT4OID, INT4OID, INT4OID};
+	Datum		values[3] = {Int32GetDatum(limit), Int32GetDatum(my_worker),
+	Int32GetDatum(jobloop_lease_timeout)};
+
+	store_run_plan(&plan,
+				   "WITH c AS ("
+				   "  SELECT id, status FROM jobloop.job"
+				   "   WHERE worker IS NULL AND status = ANY (ARRAY['pending', 'running'])"
+				   "     AND run_after <= now()"
+				   "   ORDER BY run_after, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+				   " UPDATE jobloop.job j SET worker = $2, status = 'running',"
+				   "   lease_expires_at = now() + make_interval(secs => $3),"
+				   "   started_at = coalesce(j.started_at, now()), updated_at = now()"
+				   "  FROM c WHERE j.id = c.id"
+				   " RETURNING j.id, j.kind, j.owner::oid, j.tenant, j.step, j.attempts, j.state,"
+				   "   j.request, c.status = 'pending'",
+				   3, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	row = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		ClaimedJob *job = &out[i];
+		bool		isnull;
+
+		job->id = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
+		job->kind = copy_text(row, desc, 2, cxt);
+		job->owner = DatumGetObjectId(SPI_getbinval(row, desc, 3, &isnull));
+		job->tenant = copy_text(row, desc, 4, cxt);
+		job->step = DatumGetInt32(SPI_getbinval(row, desc, 5, &isnull));
+		job->attempts = DatumGetInt32(SPI_getbinval(row, desc, 6, &isnull));
+		job->state = copy_jsonb(row, desc, 7, cxt);
+		job->request = copy_jsonb(row, desc, 8, cxt);
+		job->was_pending = DatumGetBool(SPI_getbinval(row, desc, 9, &isnull));
+	}
+	return (int) SPI_processed;
+}
+
+/* When the next unheld job becomes runnable; 0 if there is none. */
+TimestampTz
+store_next_runnable(void)
+{
+	static SPIPlanPtr plan = NULL;
+	bool		isnull;
+	Datum		d;
+
+	store_run_plan(&plan,
+				   "SELECT min(run_after) FROM jobloop.job"
+				   " WHERE worker IS NULL AND status = ANY (ARRAY['pending', 'running'])",
+				   0, NULL, NULL, NULL, SPI_OK_SELECT);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(d);
+}
+
+static Datum
+array_of(Datum *elems, bool *nulls, int n, Oid type)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(type, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, typbyval, typalign));
+}
+
+static int
+compare_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * Write a batch of step results with one statement.  applied[i] tells
+ * whether updates[i] took effect: it does not when the job is no longer
+ * ours (cancelled, or its lease was lost).  Returns the number applied.
+ */
+int
+store_update_jobs(JobUpdate *updates, int n, bool *applied)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[10] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, JSONBARRAYOID, JSONBARRAYOID,
+		TEXTARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID, BOOLARRAYOID, INT4OID};
+	Datum		values[10];
+	Datum	   *cols[9];
+	bool	   *nulls[9];
+	int64	   *returned;
+	int			nreturned;
+
+	if (n == 0)
+		return 0;
+	for (int c = 0; c < 9; c++)
+	{
+		cols[c] = palloc(n * sizeof(Datum));
+		nulls[c] = palloc0(n * sizeof(bool));
+	}
+	for (int i = 0; i < n; i++)
+	{
+		JobUpdate  *u = &updates[i];
+
+		cols[0][i] = Int64GetDatum(u->id);
+		cols[1][i] = CStringGetTextDatum(u->status);
+		cols[2][i] = Int32GetDatum(u->step);
+		cols[3][i] = JsonbPGetDatum(u->state);
+		cols[4][i] = u->request ? JsonbPGetDatum(u->request) : (Datum) 0;
+		nulls[4][i] = u->request == NULL;
+		cols[5][i] = u->last_error ? CStringGetTextDatum(u->last_error) : (Datum) 0;
+		nulls[5][i] = u->last_error == NULL;
+		cols[6][i] = Int32GetDatum(u->attempts);
+		cols[7][i] = TimestampTzGetDatum(u->run_after);
+		nulls[7][i] = u->run_after == 0;
+		cols[8][i] = BoolGetDatum(u->release);
+	}
+	values[0] = array_of(cols[0], nulls[0], n, INT8OID);
+	values[1] = array_of(cols[1], nulls[1], n, TEXTOID);
+	values[2] = array_of(cols[2], nulls[2], n, INT4OID);
+	values[3] = array_of(cols[3], nulls[3], n, JSONBOID);
+	values[4] = array_of(cols[4], nulls[4], n, JSONBOID);
+	values[5] = array_of(cols[5], nulls[5], n, TEXTOID);
+	values[6] = array_of(cols[6], nulls[6], n, INT4OID);
+	values[7] = array_of(cols[7], nulls[7], n, TIMESTAMPTZOID);
+	values[8] = array_of(cols[8], nulls[8], n, BOOLOID);
+	values[9] = Int32GetDatum(my_worker);
+
+	store_run_plan(&plan,
+				   "UPDATE jobloop.job j SET status = u.status, step = u.step, state = u.state,"
+				   "   request = u.request, last_error = u.last_error, attempts = u.attempts,"
+				   "   run_after = coalesce(u.run_after, j.run_after),"
+				   "   worker = CASE WHEN u.release THEN NULL ELSE j.worker END,"
+				   "   lease_expires_at = CASE WHEN u.release THEN NULL ELSE j.lease_expires_at END,"
+				   "   updated_at = now(),"
+				   "   finished_at = CASE WHEN u.status = ANY (ARRAY['completed', 'failed', 'cancelled'])"
+				   "                 THEN now() END"
+				   " FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+				   "   AS u(id, status, step, state, request, last_error, attempts, run_after, release)"
+				   " WHERE j.id = u.id AND j.worker = $10 AND j.status = 'running'"
+				   " RETURNING j.id",
+				   10, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+
+	nreturned = (int) SPI_processed;
+	returned = palloc(Max(nreturned, 1) * sizeof(int64));
+	for (int i = 0; i < nreturned; i++)
+	{
+		bool		isnull;
+
+		returned[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	qsort(returned, nreturned, sizeof(int64), compare_int64);
+	for (int i = 0; i < n; i++)
+		applied[i] = bsearch(&updates[i].id, returned, nreturned, sizeof(int64), compare_int64) != NULL;
+	return nreturned;
+}
+
+/* The heartbeat: one statement extends the lease of every job we hold. */
+void
+store_extend_leases(void)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		values[2] = {Int32GetDatum(my_worker), Int32GetDatum(jobloop_lease_timeout)};
+
+	store_run_plan(&plan,
+				   "UPDATE jobloop.job SET lease_expires_at = now() + make_interval(secs => $2)"
+				   " WHERE worker = $1",
+				   2, types, values, NULL, SPI_OK_UPDATE);
+}
+
+/*
+ * The reaper: jobs whose lease ran out (their worker is stuck or gone)
+ * become claimable again.  Our own jobs are never reaped by ourselves.
+ */
+int
+store_reap_expired(void)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {INT4OID};
+	Datum		values[1] = {Int32GetDatum(my_worker)};
+
+	store_run_plan(&plan,
+				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
+				   " WHERE worker IS NOT NULL AND worker <> $1 AND lease_expires_at < now()",
+				   1, types, values, NULL, SPI_OK_UPDATE);
+	if (SPI_processed > 0)
+		elog(LOG, "jobloop worker %d reaped " UINT64_FORMAT " jobs whose lease expired",
+			 my_worker, SPI_processed);
+	return (int) SPI_processed;
+}
+
+/* Give jobs back to the table (still unfinished, claimable by anyone). */
+void
+store_release(int64 *ids, int n)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT8ARRAYOID, INT4OID};
+	Datum		values[2];
+	Datum	   *elems = palloc(Max(n, 1) * sizeof(Datum));
+
+	for (int i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	values[0] = array_of(elems, NULL, n, INT8OID);
+	values[1] = Int32GetDatum(my_worker);
+	store_run_plan(&plan,
+				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
+				   " WHERE id = ANY ($1) AND worker = $2",
+				   2, types, values, NULL, SPI_OK_UPDATE);
+}
+
+/* The ids of every job the table says we hold (after a lost cancel). */
+int
+store_held_ids(int64 *ids, int max)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {INT4OID};
+	Datum		values[1] = {Int32GetDatum(my_worker)};
+	int			n;
+
+	store_run_plan(&plan, "SELECT id FROM jobloop.job WHERE worker = $1",
+				   1, types, values, NULL, SPI_OK_SELECT);
+	n = (int) Min(SPI_processed, (uint64) max);
+	for (int i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		ids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return n;
+}

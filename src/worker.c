@@ -1,0 +1,222 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		A jobloop background worker: its lifecycle and its one wait loop.
+ *
+ * The worker waits in exactly one place, a WaitEventSet holding its latch
+ * (set by submit and cancel at commit, and by signals), postmaster death,
+ * and the epoll fd of all its HTTP sockets; the timeout is the earliest of
+ * curl's timer, the next due job, the next heartbeat and the next claim.
+ * Each turn of the loop collects what happened and hands it to one batch
+ * transaction (batch.c), which commits before any next request is sent.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "jobloop.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#define MAX_RESPONSES_PER_BATCH		4096
+#define EXTENSION_POLL_MS			10000
+
+static int	my_worker;
+
+/* Run fn in a transaction of its own, with SPI connected. */
+static void
+in_transaction(void (*fn) (void *), void *arg)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	fn(arg);
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+}
+
+static void
+check_extension(void *arg)
+{
+	*(bool *) arg = store_extension_ready();
+}
+
+static void
+release_all(void *arg)
+{
+	store_release_all(jobloop_workers);
+}
+
+static void
+reload_config_if_asked(void)
+{
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+		guard_reload();
+	}
+}
+
+/* Sleep until CREATE EXTENSION jobloop has run in our database. */
+static void
+wait_for_extension(void)
+{
+	bool		logged = false;
+
+	for (;;)
+	{
+		bool		ready = false;
+
+		in_transaction(check_extension, &ready);
+		if (ready)
+			return;
+		if (!logged)
+		{
+			elog(LOG, "jobloop worker %d waiting for CREATE EXTENSION jobloop in database \"%s\"",
+				 my_worker, jobloop_database);
+			logged = true;
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 EXTENSION_POLL_MS, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		reload_config_if_asked();
+	}
+}
+
+/* Milliseconds until the earliest thing we must do, capped at a minute. */
+static long
+wait_timeout(TimestampTz now, TimestampTz next_heartbeat)
+{
+	TimestampTz next = next_heartbeat;
+	TimestampTz t;
+
+	if ((t = http_next_timeout()) != 0 && t < next)
+		next = t;
+	if ((t = held_next_due()) != 0 && t < next)
+		next = t;
+	if (held_count() < jobloop_max_in_flight && batch_next_claim_at < next)
+		next = batch_next_claim_at;
+	if (next <= now)
+		return 0;
+	return (long) Min((next - now + 999) / 1000, 60000);
+}
+
+/*
+ * Drop the jobs cancelled since the last turn, aborting their calls.  The
+ * returned ids are released in the next batch: cancel() already freed the
+ * row, unless its transaction rolled back, in which case the job goes back
+ * to the table to be resumed.
+ */
+static int
+take_cancels(int64 *ids, int max, bool *rescan)
+{
+	bool		overflow;
+	int			n = shared_take_cancels(my_worker, ids, max, &overflow);
+
+	for (int i = 0; i < n; i++)
+	{
+		HeldJob    *job = held_find(ids[i]);
+
+		if (job)
+			held_drop(job);
+	}
+	*rescan = *rescan || overflow;
+	return n;
+}
+
+void
+jobloop_worker_main(Datum main_arg)
+{
+	WaitEventSet *events;
+	HeldJob   **responded;
+	int64		cancels[CANCEL_QUEUE_SIZE];
+	TimestampTz next_heartbeat = 0;
+	char		name[BGW_MAXLEN];
+
+	my_worker = DatumGetInt32(main_arg);
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(jobloop_database, NULL, 0);
+
+	snprintf(name, sizeof(name), "jobloop worker %d", my_worker);
+	SetConfigOption("application_name", name, PGC_USERSET, PGC_S_SESSION);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	shared_attach_worker(my_worker);
+	store_prepare(my_worker);
+
+	wait_for_extension();
+
+	/* our own statements must not resolve names through a user's path */
+	logic_capture_search_path();
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+
+	held_init();
+	http_init();
+	responded = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
+	events = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(events, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(events, WL_SOCKET_READABLE, http_epoll_fd(), NULL, NULL);
+
+	/* whatever our predecessor held is ours to redo, now */
+	in_transaction(release_all, NULL);
+	elog(LOG, "jobloop worker %d started in database \"%s\"", my_worker, jobloop_database);
+
+	for (;;)
+	{
+		WaitEvent	occurred[3];
+		int			nevents;
+		TimestampTz now = GetCurrentTimestamp();
+		int			nresponded;
+		int			ncancels;
+		bool		rescan = false;
+		bool		heartbeat;
+		bool		claim;
+
+		nevents = WaitEventSetWait(events, wait_timeout(now, next_heartbeat),
+								   occurred, lengthof(occurred), PG_WAIT_EXTENSION);
+		for (int i = 0; i < nevents; i++)
+		{
+			if (occurred[i].events & WL_LATCH_SET)
+			{
+				ResetLatch(MyLatch);
+				/* a submit, a cancel, or a signal: look for work either way */
+				batch_claim_wanted = true;
+			}
+			if (occurred[i].events & WL_SOCKET_READABLE)
+				http_socket_ready();
+		}
+		CHECK_FOR_INTERRUPTS();
+		reload_config_if_asked();
+
+		now = GetCurrentTimestamp();
+		http_timer_fired(now);
+		ncancels = take_cancels(cancels, lengthof(cancels), &rescan);
+		nresponded = held_collect_responses(responded, MAX_RESPONSES_PER_BATCH);
+
+		heartbeat = now >= next_heartbeat;
+		claim = held_count() < jobloop_max_in_flight &&
+			(batch_claim_wanted || now >= batch_next_claim_at);
+		if (nresponded > 0 || ncancels > 0 || rescan || heartbeat || claim)
+			batch_run(responded, nresponded, cancels, ncancels, claim, heartbeat, rescan);
+		if (heartbeat)
+			next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
+
+		held_send_due(GetCurrentTimestamp());
+	}
+}
