@@ -11,6 +11,8 @@ OBJS = \
 	src/http.o \
 	src/guard.o \
 	src/store.o \
+	src/held.o \
+	src/batch.o \
 	src/worker.o
 
 EXTENSION = jobloop

@@ -313,6 +313,12 @@ jl_cluster_start() {
             || { jl_log "initdb failed:"; cat "$dir/initdb.log" >&2; return 1; }
     fi
 
+    # Create the workers' database before the first start (single-user mode, no
+    # listener), so the workers find it at once instead of failing and restarting.
+    echo "CREATE DATABASE jobloop" | _jl_as_pg "$JL_PGBIN/postgres" --single -D "$data" postgres \
+        >"$dir/createdb.log" 2>&1 \
+        || { jl_log "CREATE DATABASE jobloop failed:"; cat "$dir/createdb.log" >&2; return 1; }
+
     # Registered before starting: if pg_ctl gives up waiting, the server may still come up.
     jl_on_exit _jl_cluster_cleanup "$data"
 
@@ -355,7 +361,6 @@ jl_cluster_start() {
     export JL_PGDIR=$dir JL_PGDATA=$data JL_PGLOG=$log
     export PGPORT=$port PGHOST=127.0.0.1 PGUSER=postgres PGDATABASE=jobloop
 
-    jl_psql -d postgres -c 'CREATE DATABASE jobloop' || { jl_log "CREATE DATABASE jobloop failed"; return 1; }
     jl_log "PostgreSQL 15 up on 127.0.0.1:$PGPORT (data $JL_PGDATA, log $JL_PGLOG)"
 }
 

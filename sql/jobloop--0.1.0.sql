@@ -169,7 +169,7 @@ BEGIN
         EXIT WHEN s OPERATOR(pg_catalog.=) ANY (ARRAY['completed', 'failed', 'cancelled'])
                OR pg_catalog.clock_timestamp() OPERATOR(pg_catalog.>=) deadline;
         PERFORM pg_catalog.pg_sleep(pause);
-        pause := pg_catalog.least(pause OPERATOR(pg_catalog.*) 2, 0.05);
+        pause := LEAST(pause OPERATOR(pg_catalog.*) 2, 0.05);
     END LOOP;
     RETURN s;
 END

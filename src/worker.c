@@ -27,7 +27,7 @@
 #include "utils/snapmgr.h"
 
 #define MAX_RESPONSES_PER_BATCH		4096
-#define EXTENSION_POLL_MS			10000
+#define EXTENSION_POLL_MS			1000
 
 static int	my_worker;
 
