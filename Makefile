@@ -13,11 +13,13 @@ OBJS = \
 	src/store.o \
 	src/held.o \
 	src/batch.o \
+	src/limits.o \
+	src/admin.o \
 	src/worker.o
 
 EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
-REGRESS = kinds submit cancel guard notify
+REGRESS = kinds submit cancel guard privileges
 
 PG_CPPFLAGS = -I$(srcdir)/src -std=c11
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare

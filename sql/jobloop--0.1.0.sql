@@ -65,6 +65,12 @@ CREATE TABLE jobloop.job (
 -- What a worker claims: unheld, unfinished jobs whose time has come.
 CREATE INDEX job_runnable_idx ON jobloop.job (run_after, id)
     WHERE worker IS NULL AND status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running']);
+-- Fair claiming walks the tenants that have runnable jobs, then each one's oldest.
+CREATE INDEX job_tenant_runnable_idx ON jobloop.job ((COALESCE(tenant, '')), run_after, id)
+    WHERE worker IS NULL AND status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running']);
+-- A tenant's held jobs, counted against its concurrency cap.
+CREATE INDEX job_tenant_held_idx ON jobloop.job ((COALESCE(tenant, '')))
+    WHERE worker IS NOT NULL;
 -- What a worker holds: lease renewal, release, and the reaper.
 CREATE INDEX job_worker_idx ON jobloop.job (worker) WHERE worker IS NOT NULL;
 CREATE INDEX job_kind_idx ON jobloop.job (kind);
@@ -77,7 +83,28 @@ CREATE POLICY job_owner ON jobloop.job FOR SELECT
     USING (pg_catalog.pg_has_role(owner, 'USAGE')
            OR pg_catalog.pg_has_role('jobloop_admin', 'USAGE'));
 
+-- Limits per endpoint (a URL's host:port, or a request's rate_key), applied by
+-- all workers together through shared memory.  Changed with set_limit().
+CREATE TABLE jobloop.endpoint_limit (
+    endpoint        text PRIMARY KEY
+                    CHECK (pg_catalog.length(endpoint) OPERATOR(pg_catalog.>) 0
+                           AND pg_catalog.length(endpoint) OPERATOR(pg_catalog.<) 128),
+    max_rate        real CHECK (max_rate OPERATOR(pg_catalog.>) 0),
+    max_concurrency integer CHECK (max_concurrency OPERATOR(pg_catalog.>) 0),
+    ramp            interval CHECK (ramp OPERATOR(pg_catalog.>) '0'::interval),
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Per-tenant caps on jobs held at once; jobloop.tenant_max_concurrency is the default.
+CREATE TABLE jobloop.tenant_limit (
+    tenant          text PRIMARY KEY,
+    max_concurrency integer NOT NULL CHECK (max_concurrency OPERATOR(pg_catalog.>) 0),
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
 SELECT pg_catalog.pg_extension_config_dump('jobloop.kind', '');
+SELECT pg_catalog.pg_extension_config_dump('jobloop.endpoint_limit', '');
+SELECT pg_catalog.pg_extension_config_dump('jobloop.tenant_limit', '');
 SELECT pg_catalog.pg_extension_config_dump('jobloop.job', '');
 
 CREATE VIEW jobloop.jobs WITH (security_invoker = true) AS
@@ -87,8 +114,29 @@ CREATE VIEW jobloop.jobs WITH (security_invoker = true) AS
            j.lease_expires_at, j.request AS next_request
       FROM jobloop.job j;
 
-REVOKE ALL ON jobloop.job, jobloop.kind, jobloop.jobs FROM PUBLIC;
-GRANT SELECT ON jobloop.job, jobloop.kind, jobloop.jobs TO PUBLIC;
+-- The live state of every endpoint the workers track (configured, or paused
+-- by a Retry-After).
+CREATE FUNCTION jobloop.limit_state(
+    OUT endpoint text, OUT allowed_rate double precision, OUT in_flight integer,
+    OUT requests_last_second integer, OUT paused_until timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'jobloop_limit_state'
+LANGUAGE C VOLATILE STRICT;
+
+CREATE VIEW jobloop.limits AS
+    SELECT COALESCE(l.endpoint, s.endpoint) AS endpoint,
+           l.max_rate, l.max_concurrency, l.ramp,
+           s.allowed_rate,
+           COALESCE(s.in_flight, 0) AS in_flight,
+           COALESCE(s.requests_last_second, 0) AS requests_last_second,
+           s.paused_until
+      FROM jobloop.endpoint_limit l
+      FULL JOIN jobloop.limit_state() s ON s.endpoint OPERATOR(pg_catalog.=) l.endpoint;
+
+REVOKE ALL ON jobloop.job, jobloop.kind, jobloop.jobs, jobloop.endpoint_limit,
+    jobloop.tenant_limit, jobloop.limits FROM PUBLIC;
+GRANT SELECT ON jobloop.job, jobloop.kind, jobloop.jobs, jobloop.endpoint_limit,
+    jobloop.tenant_limit, jobloop.limits TO PUBLIC;
 
 CREATE FUNCTION jobloop.create_kind(
     name         text,
@@ -174,6 +222,27 @@ BEGIN
     RETURN s;
 END
 $$;
+
+-- Limits (superusers and members of jobloop_admin only).
+CREATE FUNCTION jobloop.set_limit(
+    endpoint        text,
+    max_rate        real DEFAULT NULL,
+    max_concurrency integer DEFAULT NULL,
+    ramp            interval DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'jobloop_set_limit'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+
+CREATE FUNCTION jobloop.drop_limit(endpoint text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'jobloop_drop_limit'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+
+-- NULL max_concurrency removes the tenant's own cap (the GUC default applies).
+CREATE FUNCTION jobloop.set_tenant_limit(tenant text, max_concurrency integer)
+RETURNS void
+AS 'MODULE_PATHNAME', 'jobloop_set_tenant_limit'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
 
 -- The outbound-HTTP guard's verdict on an address, under the current
 -- jobloop.allowed_hosts: the same check the worker makes on every

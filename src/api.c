@@ -42,13 +42,6 @@ PG_FUNCTION_INFO_V1(jobloop_cancel);
 
 /* ---- running as the extension owner ---- */
 
-typedef struct OwnerContext
-{
-	Oid			saved_userid;
-	int			saved_sec_context;
-	int			saved_nestlevel;
-} OwnerContext;
-
 static Oid
 job_table_oid(void)
 {
@@ -64,7 +57,7 @@ job_table_oid(void)
  * Switch to the owner of the extension's tables with a search_path that no
  * caller can influence.  Errors unwind all of it with the transaction.
  */
-static void
+void
 enter_owner_context(OwnerContext *cxt)
 {
 	HeapTuple	tp = SearchSysCache1(RELOID, ObjectIdGetDatum(job_table_oid()));
@@ -84,7 +77,7 @@ enter_owner_context(OwnerContext *cxt)
 		elog(ERROR, "SPI_connect failed");
 }
 
-static void
+void
 leave_owner_context(OwnerContext *cxt)
 {
 	SPI_finish();
@@ -92,7 +85,7 @@ leave_owner_context(OwnerContext *cxt)
 	SetUserIdAndSecContext(cxt->saved_userid, cxt->saved_sec_context);
 }
 
-static bool
+bool
 is_jobloop_admin(Oid role)
 {
 	Oid			admin = get_role_oid("jobloop_admin", true);
@@ -100,7 +93,7 @@ is_jobloop_admin(Oid role)
 	return superuser_arg(role) || (OidIsValid(admin) && has_privs_of_role(role, admin));
 }
 
-static void
+void
 require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
 {
 	if (PG_ARGISNULL(argno))
@@ -146,7 +139,7 @@ jobloop_xact_callback(XactEvent event, void *arg)
 	}
 }
 
-static void
+void
 wake_workers_at_commit(void)
 {
 	if (!xact_callback_registered)
@@ -201,7 +194,7 @@ notify_job(int64 id, const char *status, int32 step, const char *tenant, const c
 
 /* ---- create_kind / drop_kind ---- */
 
-static int64
+int64
 interval_ms(Interval *span)
 {
 	return span->time / 1000 + ((int64) span->day + (int64) span->month * 30) * 86400000;

@@ -33,12 +33,10 @@
 #include "utils/snapmgr.h"
 #include "utils/timeout.h"
 
-#include <curl/curl.h>
 
 #define MAX_WRITING_SUBXACTS	60
 #define MAX_CLAIM				1000
 #define IDLE_CLAIM_INTERVAL_MS	1000
-#define MAX_RETRY_AFTER_MS		(3600 * 1000)
 
 bool		batch_claim_wanted = true;
 TimestampTz batch_next_claim_at = 0;
@@ -340,26 +338,6 @@ reason_phrase(long status)
 	}
 }
 
-/* Retry-After in milliseconds (delta-seconds or an HTTP date), or -1. */
-static int64
-retry_after_ms(const HttpResult *res)
-{
-	char	   *value = response_header(res, "retry-after");
-	char	   *end;
-	long		secs;
-	time_t		when;
-
-	if (value == NULL)
-		return -1;
-	secs = strtol(value, &end, 10);
-	if (end != value && *end == '\0' && secs >= 0)
-		return Min((int64) secs * 1000, MAX_RETRY_AFTER_MS);
-	when = curl_getdate(value, NULL);
-	if (when < 0)
-		return -1;
-	return Min(Max((int64) (when - time(NULL)) * 1000, 0), MAX_RETRY_AFTER_MS);
-}
-
 /* Exponential backoff with equal jitter, never shorter than Retry-After. */
 static int64
 backoff_ms(Kind *kind, int attempts, int64 retry_after)
@@ -416,7 +394,7 @@ process_response(HeldJob *job, TimestampTz now)
 		job->attempts++;
 		if (retryable && job->attempts < job->kind->max_attempts)
 		{
-			retry_later(job, error, retry_after_ms(res), now);
+			retry_later(job, error, response_retry_after_ms(res), now);
 			goto done;
 		}
 		if (retryable)
@@ -481,8 +459,11 @@ claim(TimestampTz now)
 		}
 	}
 
-	/* a full claim means more may be waiting; otherwise sleep until the next is due */
-	batch_claim_wanted = (n == limit);
+	/*
+	 * Claimed something: claim again next turn (tenant shares may have left
+	 * jobs behind).  Claimed nothing: sleep until the next job is due.
+	 */
+	batch_claim_wanted = (n > 0);
 	if (!batch_claim_wanted)
 	{
 		TimestampTz next = store_next_runnable();
@@ -526,7 +507,7 @@ rescan_held(void)
  */
 void
 batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
-		  bool want_claim, bool heartbeat, bool rescan)
+		  HeldJob **parked, int nparked, bool want_claim, bool heartbeat, bool rescan)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
@@ -540,11 +521,22 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 
 	begin_transaction();
 	pgstat_report_activity(STATE_RUNNING, "jobloop: advancing jobs");
+	limits_sync();
 
 	if (nreleases > 0)
 		store_release(releases, nreleases);
 	if (rescan)
 		rescan_held();
+
+	/* jobs that would wait long on a limit: due again when their turn should come */
+	for (int i = 0; i < nparked; i++)
+	{
+		Pending    *p = add_pending(parked[i], AFTER_DROP, 0);
+		JobUpdate  *u = add_update(p, "running");
+
+		u->release = true;
+		u->run_after = parked[i]->not_before;
+	}
 
 	for (int i = 0; i < nresponded; i++)
 	{

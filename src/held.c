@@ -23,6 +23,29 @@
 static HTAB *held = NULL;
 static MemoryContext held_cxt = NULL;
 static pairingheap *waiting = NULL;
+static int	my_worker = 0;
+
+/*
+ * Jobs that are due but held back by their endpoint's limit wait in a queue
+ * per endpoint, in order; only a queue's head asks the limit again, so a
+ * thousand blocked jobs cost one check, not a thousand.
+ */
+typedef struct EndpointQueue
+{
+	char		endpoint[ENDPOINT_LEN]; /* hash key */
+	dlist_head	jobs;
+	int			n;
+	TimestampTz retry_at;		/* 0: when a slot frees (our latch is set) */
+	double		latency_s;		/* recent call latency, to estimate waits */
+	TimestampTz horizon;		/* when the last job sent back to the table is due */
+} EndpointQueue;
+
+static HTAB *queues = NULL;
+
+/* Jobs whose wait for a limit is too long to hold: back to the table. */
+static HeldJob **to_release = NULL;
+static int	nto_release = 0;
+static int	max_to_release = 64;
 
 static int
 due_compare(const pairingheap_node *a, const pairingheap_node *b, void *arg)
@@ -35,16 +58,24 @@ due_compare(const pairingheap_node *a, const pairingheap_node *b, void *arg)
 }
 
 void
-held_init(void)
+held_init(int worker)
 {
 	HASHCTL		ctl;
+	HASHCTL		qctl;
 
+	my_worker = worker;
 	held_cxt = AllocSetContextCreate(TopMemoryContext, "jobloop held jobs", ALLOCSET_DEFAULT_SIZES);
 	ctl.keysize = sizeof(int64);
 	ctl.entrysize = sizeof(HeldJob);
 	ctl.hcxt = held_cxt;
 	held = hash_create("jobloop held jobs", 1024, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	waiting = pairingheap_allocate(due_compare, NULL);
+
+	qctl.keysize = ENDPOINT_LEN;
+	qctl.entrysize = sizeof(EndpointQueue);
+	qctl.hcxt = held_cxt;
+	queues = hash_create("jobloop endpoint queues", 64, &qctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	to_release = MemoryContextAlloc(held_cxt, sizeof(HeldJob *) * max_to_release);
 }
 
 MemoryContext
@@ -74,7 +105,16 @@ forget_transfer_and_wait(HeldJob *job)
 		http_done(job->transfer);
 	else if (job->phase == HELD_WAITING)
 		pairingheap_remove(waiting, &job->heap_node);
+	else if (job->phase == HELD_BLOCKED)
+	{
+		dlist_delete(&job->queue_node);
+		job->queue->n--;
+	}
+	if (job->phase == HELD_IN_FLIGHT && job->limit_tracked)
+		limits_release(job->request->endpoint, true, 0, 0, GetCurrentTimestamp());
+	job->limit_tracked = false;
 	job->transfer = NULL;
+	job->phase = HELD_IDLE;
 }
 
 /*
@@ -101,6 +141,8 @@ held_add(ClaimedJob *c)
 	job->request_json = copy_jsonb(c->request);
 	job->request = NULL;
 	job->transfer = NULL;
+	job->limit_tracked = false;
+	job->queue = NULL;
 	job->not_before = 0;
 	job->phase = HELD_IDLE;
 	return job;
@@ -179,8 +221,11 @@ held_next_due(void)
 	return pairingheap_container(HeldJob, heap_node, pairingheap_first(waiting))->not_before;
 }
 
+static void park(HeldJob *job, LimitVerdict *v, TimestampTz now);
+
+/* Start the job's call; the limit (v) has granted it. */
 static void
-send(HeldJob *job, TimestampTz now)
+start_call(HeldJob *job, LimitVerdict *v, TimestampTz now)
 {
 	char		key[128];
 	int			timeout = job->kind && job->kind->timeout_ms > 0 ?
@@ -193,11 +238,166 @@ send(HeldJob *job, TimestampTz now)
 	if (job->transfer == NULL)
 	{
 		/* out of memory or handles: try again shortly, nothing is lost */
+		limits_release(job->request->endpoint, v->tracked, 0, 0, now);
 		job->not_before = now + 1000 * 1000;
+		job->phase = HELD_WAITING;
 		pairingheap_add(waiting, &job->heap_node);
 		return;
 	}
+	job->limit_tracked = v->tracked;
 	job->phase = HELD_IN_FLIGHT;
+}
+
+static void
+send(HeldJob *job, TimestampTz now)
+{
+	LimitVerdict v;
+
+	limits_acquire(job->request->endpoint, my_worker, now, &v);
+	if (v.granted)
+		start_call(job, &v, now);
+	else
+		park(job, &v, now);
+}
+
+static EndpointQueue *
+queue_for(const char *endpoint)
+{
+	bool		found;
+	EndpointQueue *q = hash_search(queues, endpoint, HASH_ENTER, &found);
+
+	if (!found)
+	{
+		dlist_init(&q->jobs);
+		q->n = 0;
+		q->retry_at = 0;
+		q->latency_s = 1.0;
+		q->horizon = 0;
+	}
+	return q;
+}
+
+/*
+ * How long the k-th job in an endpoint's queue can expect to wait: until
+ * the pause ends, then k requests at the rate limit (where a ramp is
+ * heading; this worker's share of it), or k / concurrency calls of the
+ * usual latency.
+ */
+/* Time between two of this worker's requests to the endpoint, at its limit. */
+static double
+request_interval_s(EndpointQueue *q, LimitVerdict *v)
+{
+	int			workers = Max(jobloop_workers, 1);
+
+	if (v->max_rate > 0)
+		return workers / v->max_rate;
+	if (v->max_concurrency > 0)
+		return workers * q->latency_s / v->max_concurrency;
+	return 0;
+}
+
+static double
+expected_wait_s(EndpointQueue *q, LimitVerdict *v, int k, TimestampTz now)
+{
+	double		base = v->retry_at > now ? (double) (v->retry_at - now) / 1000000.0 : 0;
+
+	return base + k * request_interval_s(q, v);
+}
+
+/*
+ * Hold a due job back for its endpoint.  If its wait would be long, it goes
+ * back to the table instead (due when we expect its turn), so jobs blocked
+ * on one endpoint never fill the slots other endpoints' jobs need.
+ */
+static void
+park(HeldJob *job, LimitVerdict *v, TimestampTz now)
+{
+	EndpointQueue *q = queue_for(job->request->endpoint);
+	double		wait = expected_wait_s(q, v, q->n + 1, now);
+
+	if (wait * 1000 > jobloop_hold_delay)
+	{
+		/* due one request-interval after the previous one sent back: they return in turn */
+		double		interval_s = request_interval_s(q, v);
+
+		q->horizon = Max(q->horizon, now + (TimestampTz) (wait * 1000000.0)) +
+			(TimestampTz) (interval_s * 1000000.0);
+		job->phase = HELD_IDLE;
+		job->not_before = q->horizon;
+		if (nto_release == max_to_release)
+		{
+			max_to_release *= 2;
+			to_release = repalloc(to_release, max_to_release * sizeof(HeldJob *));
+		}
+		to_release[nto_release++] = job;
+		return;
+	}
+	dlist_push_tail(&q->jobs, &job->queue_node);
+	q->n++;
+	if (q->n == 1 || v->retry_at == 0 || v->retry_at > q->retry_at)
+		q->retry_at = v->retry_at;
+	job->queue = q;
+	job->phase = HELD_BLOCKED;
+}
+
+/* Let each endpoint queue's head ask its limit again; send what is granted. */
+void
+held_retry_blocked(TimestampTz now)
+{
+	HASH_SEQ_STATUS seq;
+	EndpointQueue *q;
+
+	hash_seq_init(&seq, queues);
+	while ((q = hash_seq_search(&seq)) != NULL)
+	{
+		while (q->n > 0 && q->retry_at <= now)
+		{
+			HeldJob    *job = dlist_head_element(HeldJob, queue_node, &q->jobs);
+			LimitVerdict v;
+
+			limits_acquire(q->endpoint, my_worker, now, &v);
+			if (!v.granted)
+			{
+				q->retry_at = v.retry_at;
+				break;
+			}
+			dlist_delete(&job->queue_node);
+			q->n--;
+			job->queue = NULL;
+			start_call(job, &v, now);
+		}
+	}
+}
+
+/* The earliest time a blocked endpoint queue wants to ask again; 0 if none. */
+TimestampTz
+held_next_blocked(void)
+{
+	HASH_SEQ_STATUS seq;
+	EndpointQueue *q;
+	TimestampTz next = 0;
+
+	hash_seq_init(&seq, queues);
+	while ((q = hash_seq_search(&seq)) != NULL)
+	{
+		/* waiting for a free slot: the freeing worker sets our latch; re-check each second anyway */
+		TimestampTz t = q->retry_at > 0 ? q->retry_at : GetCurrentTimestamp() + 1000 * 1000;
+
+		if (q->n > 0 && (next == 0 || t < next))
+			next = t;
+	}
+	return next;
+}
+
+int
+held_take_releases(HeldJob **out, int max)
+{
+	int			n = Min(nto_release, max);
+
+	memcpy(out, to_release, n * sizeof(HeldJob *));
+	memmove(to_release, to_release + n, (nto_release - n) * sizeof(HeldJob *));
+	nto_release -= n;
+	return n;
 }
 
 /* Send every waiting job whose time has come. */
@@ -233,6 +433,15 @@ held_collect_responses(HeldJob **out, int max)
 		job->phase = HELD_RESPONDED;
 		job->result = result;
 		out[n++] = job;
+		limits_release(job->request->endpoint, job->limit_tracked, result.status,
+					   response_retry_after_ms(&result), GetCurrentTimestamp());
+		job->limit_tracked = false;
+		{
+			EndpointQueue *q = hash_search(queues, job->request->endpoint, HASH_FIND, NULL);
+
+			if (q)
+				q->latency_s = 0.8 * q->latency_s + 0.2 * (double) result.elapsed_ms / 1000.0;
+		}
 	}
 	return n;
 }

@@ -32,6 +32,8 @@ int			jobloop_request_timeout = 30000;
 int			jobloop_function_timeout = 10000;
 int			jobloop_hold_delay = 10000;
 int			jobloop_max_redirects = 5;
+int			jobloop_max_endpoints = 1024;
+int			jobloop_tenant_max_concurrency = 0;
 
 static void
 allowed_hosts_assign(const char *newval, void *extra)
@@ -131,6 +133,24 @@ define_gucs(void)
 							NULL,
 							&jobloop_max_redirects,
 							5, 0, 50,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.max_endpoints",
+							"Number of endpoints whose limits and pauses the workers can track.",
+							NULL,
+							&jobloop_max_endpoints,
+							1024, 16, 1000000,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.tenant_max_concurrency",
+							"Default maximum number of jobs of one tenant held by workers at once.",
+							"0 means no limit; jobloop.set_tenant_limit() overrides it per tenant.",
+							&jobloop_tenant_max_concurrency,
+							0, 0, INT_MAX,
 							PGC_SIGHUP,
 							0,
 							NULL, NULL, NULL);

@@ -18,12 +18,14 @@
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/jsonb.h"
+#include "datatype/timestamp.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #define JOBLOOP_VERSION		"0.1.0"
 #define JOBLOOP_CHANNEL		"jobloop"
 #define JOBLOOP_MAX_WORKERS	64
+#define ENDPOINT_LEN		128		/* longest endpoint (host:port or rate_key) + 1 */
 
 /* ---- jobloop.c: GUCs ---- */
 extern char *jobloop_database;
@@ -36,6 +38,8 @@ extern int	jobloop_request_timeout;	/* ms */
 extern int	jobloop_function_timeout;	/* ms */
 extern int	jobloop_hold_delay;			/* ms */
 extern int	jobloop_max_redirects;
+extern int	jobloop_max_endpoints;
+extern int	jobloop_tenant_max_concurrency;
 
 /* ---- shared.c: shared memory between backends and workers ---- */
 #define CANCEL_QUEUE_SIZE	256
@@ -60,6 +64,7 @@ extern void shared_install_hooks(void);
 extern bool shared_available(void);
 extern void shared_attach_worker(int worker);
 extern void shared_wake_workers(void);
+extern void shared_wake_worker(int worker);
 extern void shared_post_cancel(int worker, int64 job_id);
 extern int	shared_take_cancels(int worker, int64 *ids, int max, bool *overflow);
 
@@ -83,7 +88,8 @@ typedef struct HttpRequest
 	bool		body_is_json;
 	int			timeout_ms;		/* 0: the kind's or the GUC default */
 	int			delay_ms;
-	char	   *rate_key;		/* NULL: host:port of url */
+	char	   *rate_key;		/* as given, or NULL */
+	char	   *endpoint;		/* rate_key, or the url's host:port: what limits apply to */
 } HttpRequest;
 
 typedef struct HttpResult
@@ -106,6 +112,7 @@ extern void request_free(HttpRequest *req);
 extern Jsonb *response_build(const HttpResult *res);
 extern Jsonb *response_build_error(const HttpResult *res, const char *error, int attempts);
 extern char *response_header(const HttpResult *res, const char *name);
+extern int64 response_retry_after_ms(const HttpResult *res);
 
 /* ---- http.c: libcurl multi, driven from the worker's WaitEventSet ---- */
 typedef struct Transfer Transfer;
@@ -193,11 +200,25 @@ extern void store_release(int64 *ids, int n);
 extern int	store_held_ids(int64 *ids, int max);
 extern bool store_extension_ready(void);
 
-/* ---- api.c: notifications, shared by the API and the worker ---- */
+/* ---- api.c: the SQL API that writes, and what admin.c shares of it ---- */
+typedef struct OwnerContext
+{
+	Oid			saved_userid;
+	int			saved_sec_context;
+	int			saved_nestlevel;
+} OwnerContext;
+
+extern void enter_owner_context(OwnerContext *cxt);
+extern void leave_owner_context(OwnerContext *cxt);
+extern bool is_jobloop_admin(Oid role);
+extern void require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
+extern void wake_workers_at_commit(void);
+extern int64 interval_ms(Interval *span);
 extern void notify_job(int64 id, const char *status, int32 step, const char *tenant,
 					   const char *kind);
 
 /* ---- held.c: the jobs a worker holds, in memory ---- */
+#include "lib/ilist.h"
 #include "lib/pairingheap.h"
 
 typedef enum HeldPhase
@@ -205,6 +226,7 @@ typedef enum HeldPhase
 	HELD_WAITING,				/* due at not_before (delay, backoff) */
 	HELD_IN_FLIGHT,				/* its HTTP call is running */
 	HELD_RESPONDED,				/* call finished; result awaits the next batch */
+	HELD_BLOCKED,				/* due, but its endpoint's limit says not yet */
 	HELD_IDLE					/* being advanced by the current batch */
 } HeldPhase;
 
@@ -224,10 +246,13 @@ typedef struct HeldJob
 	TimestampTz not_before;
 	pairingheap_node heap_node;
 	Transfer   *transfer;
+	bool		limit_tracked;	/* its call counts in its endpoint's in_flight */
+	struct EndpointQueue *queue;	/* in HELD_BLOCKED */
+	dlist_node	queue_node;
 	HttpResult	result;			/* valid in HELD_RESPONDED */
 } HeldJob;
 
-extern void held_init(void);
+extern void held_init(int worker);
 extern HeldJob *held_add(ClaimedJob *claimed);
 extern HeldJob *held_find(int64 id);
 extern void held_drop(HeldJob *job);
@@ -239,11 +264,34 @@ extern TimestampTz held_next_due(void);
 extern void held_send_due(TimestampTz now);
 extern int	held_collect_responses(HeldJob **out, int max);
 extern int	held_all(HeldJob **out, int max);
+extern void held_retry_blocked(TimestampTz now);
+extern TimestampTz held_next_blocked(void);
+extern int	held_take_releases(HeldJob **out, int max);
 extern MemoryContext held_context(void);
+
+/* ---- limits.c: per-endpoint limits in shared memory ---- */
+typedef struct LimitVerdict
+{
+	bool		granted;
+	bool		tracked;		/* granted and counted: call limits_release after */
+	TimestampTz retry_at;		/* not granted: ask again then; 0 = when a slot frees */
+	double		rate;			/* the allowed rate now, 0 if unlimited */
+	double		max_rate;		/* where the allowed rate is heading, 0 if unlimited */
+	int			max_concurrency;	/* 0 if unlimited */
+} LimitVerdict;
+
+extern Size limits_shmem_size(void);
+extern void limits_shmem_request(void);
+extern void limits_shmem_startup(void);
+extern void limits_acquire(const char *endpoint, int worker, TimestampTz now, LimitVerdict *v);
+extern void limits_release(const char *endpoint, bool tracked, long status,
+						   int64 retry_after_ms, TimestampTz now);
+extern void limits_init_worker(void);
+extern void limits_sync(void);
 
 /* ---- batch.c: the transaction that advances jobs ---- */
 extern void batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
-					  bool claim, bool heartbeat, bool rescan);
+					  HeldJob **parked, int nparked, bool claim, bool heartbeat, bool rescan);
 extern bool batch_claim_wanted;
 extern TimestampTz batch_next_claim_at;
 

@@ -17,6 +17,9 @@
 #include <ctype.h>
 #include <math.h>
 
+#include <curl/curl.h>
+#include <time.h>
+
 #include "common/jsonapi.h"
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
@@ -76,6 +79,43 @@ check_url(const char *url)
 		invalid_request(psprintf("unsupported URL \"%s\": only http and https are allowed", url));
 	if (has_control_chars(url) || strchr(url, ' '))
 		invalid_request("\"url\" contains spaces or control characters");
+}
+
+/* What limits apply to: the rate_key, or the URL's host:port. */
+static char *
+endpoint_of(HttpRequest *req)
+{
+	CURLU	   *u;
+	char	   *host = NULL;
+	char	   *port = NULL;
+	char	   *endpoint = NULL;
+
+	if (req->rate_key)
+	{
+		if (req->rate_key[0] == '\0' || strlen(req->rate_key) >= ENDPOINT_LEN)
+			invalid_request(psprintf("\"rate_key\" must be 1 to %d bytes long", ENDPOINT_LEN - 1));
+		return pstrdup(req->rate_key);
+	}
+	u = curl_url();
+	if (u && curl_url_set(u, CURLUPART_URL, req->url, 0) == CURLUE_OK &&
+		curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+		curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
+	{
+		for (char *c = host; *c; c++)
+			*c = pg_tolower((unsigned char) *c);
+		endpoint = psprintf("%s:%s", host, port);
+	}
+	if (host)
+		curl_free(host);
+	if (port)
+		curl_free(port);
+	if (u)
+		curl_url_cleanup(u);
+	if (endpoint == NULL)
+		invalid_request(psprintf("malformed URL \"%s\"", req->url));
+	if (strlen(endpoint) >= ENDPOINT_LEN)
+		invalid_request("the URL's host name is too long");
+	return endpoint;
 }
 
 static char *
@@ -220,6 +260,7 @@ request_parse(Jsonb *request, MemoryContext cxt)
 	check_url(req->url);
 	if (req->body && (strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0))
 		invalid_request(psprintf("a %s request cannot have a body", req->method));
+	req->endpoint = endpoint_of(req);
 
 	MemoryContextSwitchTo(old);
 	return req;
@@ -245,6 +286,7 @@ request_copy(const HttpRequest *req, MemoryContext cxt)
 		copy->body[req->body_len] = '\0';
 	}
 	copy->rate_key = req->rate_key ? pstrdup(req->rate_key) : NULL;
+	copy->endpoint = pstrdup(req->endpoint);
 	MemoryContextSwitchTo(old);
 	return copy;
 }
@@ -264,6 +306,8 @@ request_free(HttpRequest *req)
 		pfree(req->body);
 	if (req->rate_key)
 		pfree(req->rate_key);
+	if (req->endpoint)
+		pfree(req->endpoint);
 	pfree(req);
 }
 
@@ -388,6 +432,27 @@ response_header(const HttpResult *res, const char *name)
 		if (pg_strcasecmp(list.names[i], name) == 0)
 			return list.values[i].data;
 	return NULL;
+}
+
+/* Retry-After in milliseconds (delta-seconds or an HTTP date, at most an hour), or -1. */
+int64
+response_retry_after_ms(const HttpResult *res)
+{
+	char	   *value = response_header(res, "retry-after");
+	char	   *end;
+	long		secs;
+	time_t		when;
+	const int64 max_ms = 3600 * 1000;
+
+	if (value == NULL)
+		return -1;
+	secs = strtol(value, &end, 10);
+	if (end != value && *end == '\0' && secs >= 0)
+		return Min((int64) secs * 1000, max_ms);
+	when = curl_getdate(value, NULL);
+	if (when < 0)
+		return -1;
+	return Min(Max((int64) (when - time(NULL)) * 1000, 0), max_ms);
 }
 
 static Jsonb *

@@ -34,6 +34,7 @@ shared_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(shared_size());
+	limits_shmem_request();
 }
 
 static void
@@ -53,6 +54,7 @@ shared_startup(void)
 		for (int i = 0; i < Max(jobloop_workers, 1); i++)
 			SpinLockInit(&shared->workers[i].mutex);
 	}
+	limits_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -124,6 +126,22 @@ shared_wake_workers(void)
 		if (latch)
 			SetLatch(latch);
 	}
+}
+
+void
+shared_wake_worker(int worker)
+{
+	WorkerSlot *slot;
+	Latch	   *latch;
+
+	if (!shared || worker < 1 || worker > shared->nworkers)
+		return;
+	slot = slot_for(worker);
+	SpinLockAcquire(&slot->mutex);
+	latch = slot->latch;
+	SpinLockRelease(&slot->mutex);
+	if (latch)
+		SetLatch(latch);
 }
 
 /* Tell the worker that held job_id to drop it (and abort its call). */

@@ -103,30 +103,68 @@ copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
 }
 
 /*
- * Claim up to limit runnable jobs, oldest first, skipping rows another
- * worker is claiming right now.  Results are copied into cxt.
+ * Claim up to limit runnable jobs, fairly across tenants, skipping rows
+ * another worker is claiming right now.  Results are copied into cxt.
+ *
+ * Fairness: walk the tenants that have unheld jobs (a loose index scan,
+ * one probe per tenant, however many jobs each has queued), give each an
+ * equal share of the free slots within its concurrency cap, and take each
+ * tenant's oldest runnable jobs.  So a tenant with 100,000 queued jobs
+ * takes one share per claim, and another tenant's single job is claimed in
+ * the same round.  When there are more tenants than slots, the round starts
+ * after the tenant where the previous one stopped.
  */
 int
 store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[3] = {INT4OID, INT4OID, INT4OID};
-	Datum		values[3] = {Int32GetDatum(limit), Int32GetDatum(my_worker),
-	Int32GetDatum(jobloop_lease_timeout)};
+	static char *cursor = NULL;
+	Oid			types[5] = {INT4OID, INT4OID, INT4OID, INT4OID, TEXTOID};
+	Datum		values[5] = {Int32GetDatum(limit), Int32GetDatum(my_worker),
+		Int32GetDatum(jobloop_lease_timeout), Int32GetDatum(jobloop_tenant_max_concurrency),
+	CStringGetTextDatum(cursor ? cursor : "")};
+	char	   *last_after = NULL;
+	char	   *last_any = NULL;
 
 	store_run_plan(&plan,
-				   "WITH c AS ("
-				   "  SELECT id, status FROM jobloop.job"
-				   "   WHERE worker IS NULL AND status = ANY (ARRAY['pending', 'running'])"
-				   "     AND run_after <= now()"
-				   "   ORDER BY run_after, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+				   "WITH RECURSIVE tenants(t) AS ("
+				   "    (SELECT coalesce(tenant, '') FROM jobloop.job"
+				   "      WHERE worker IS NULL AND status = ANY (ARRAY['pending', 'running'])"
+				   "      ORDER BY 1 LIMIT 1)"
+				   "  UNION ALL"
+				   "    SELECT (SELECT coalesce(j.tenant, '') FROM jobloop.job j"
+				   "             WHERE j.worker IS NULL AND j.status = ANY (ARRAY['pending', 'running'])"
+				   "               AND coalesce(j.tenant, '') > tenants.t"
+				   "             ORDER BY 1 LIMIT 1)"
+				   "      FROM tenants WHERE tenants.t IS NOT NULL),"
+				   " room AS ("
+				   "    SELECT t.t, CASE WHEN coalesce(l.max_concurrency, $4) > 0"
+				   "      THEN greatest(coalesce(l.max_concurrency, $4) - (SELECT count(*) FROM jobloop.job h"
+				   "             WHERE coalesce(h.tenant, '') = t.t AND h.worker IS NOT NULL), 0)"
+				   "      ELSE $1 END AS room"
+				   "      FROM tenants t LEFT JOIN jobloop.tenant_limit l ON l.tenant = t.t"
+				   "     WHERE t.t IS NOT NULL),"
+				   " share AS (SELECT greatest(1, $1 / greatest(count(*), 1))::integer AS n"
+				   "             FROM room WHERE room > 0),"
+				   " c AS ("
+				   "    SELECT p.id, p.status, r.t FROM room r CROSS JOIN share s,"
+				   "      LATERAL (SELECT j.id, j.status FROM jobloop.job j"
+				   "                WHERE coalesce(j.tenant, '') = r.t AND j.worker IS NULL"
+				   "                  AND j.status = ANY (ARRAY['pending', 'running'])"
+				   "                  AND j.run_after <= now()"
+				   "                ORDER BY j.run_after, j.id"
+				   "                LIMIT least(r.room, s.n)"
+				   "                FOR UPDATE SKIP LOCKED) p"
+				   "     WHERE r.room > 0"
+				   "     ORDER BY r.t <= $5, r.t"
+				   "     LIMIT $1)"
 				   " UPDATE jobloop.job j SET worker = $2, status = 'running',"
 				   "   lease_expires_at = now() + make_interval(secs => $3),"
 				   "   started_at = coalesce(j.started_at, now()), updated_at = now()"
 				   "  FROM c WHERE j.id = c.id"
 				   " RETURNING j.id, j.kind, j.owner::oid, j.tenant, j.step, j.attempts, j.state,"
-				   "   j.request, c.status = 'pending'",
-				   3, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+				   "   j.request, c.status = 'pending', c.t",
+				   5, types, values, NULL, SPI_OK_UPDATE_RETURNING);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -134,6 +172,7 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		ClaimedJob *job = &out[i];
 		bool		isnull;
+		char	   *t;
 
 		job->id = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
 		job->kind = copy_text(row, desc, 2, cxt);
@@ -144,6 +183,21 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 		job->state = copy_jsonb(row, desc, 7, cxt);
 		job->request = copy_jsonb(row, desc, 8, cxt);
 		job->was_pending = DatumGetBool(SPI_getbinval(row, desc, 9, &isnull));
+
+		/* where this round stopped: the last tenant after the cursor, else the last one */
+		t = TextDatumGetCString(SPI_getbinval(row, desc, 10, &isnull));
+		if (cursor && strcmp(t, cursor) > 0 && (!last_after || strcmp(t, last_after) > 0))
+			last_after = t;
+		if (!last_any || strcmp(t, last_any) > 0)
+			last_any = t;
+	}
+	if (SPI_processed > 0)
+	{
+		char	   *next = last_after ? last_after : last_any;
+
+		if (cursor)
+			pfree(cursor);
+		cursor = MemoryContextStrdup(TopMemoryContext, next);
 	}
 	return (int) SPI_processed;
 }

@@ -107,6 +107,8 @@ wait_timeout(TimestampTz now, TimestampTz next_heartbeat)
 		next = t;
 	if ((t = held_next_due()) != 0 && t < next)
 		next = t;
+	if ((t = held_next_blocked()) != 0 && t < next)
+		next = t;
 	if (held_count() < jobloop_max_in_flight && batch_next_claim_at < next)
 		next = batch_next_claim_at;
 	if (next <= now)
@@ -142,6 +144,7 @@ jobloop_worker_main(Datum main_arg)
 {
 	WaitEventSet *events;
 	HeldJob   **responded;
+	HeldJob   **parked;
 	int64		cancels[CANCEL_QUEUE_SIZE];
 	TimestampTz next_heartbeat = 0;
 	char		name[BGW_MAXLEN];
@@ -165,9 +168,11 @@ jobloop_worker_main(Datum main_arg)
 	logic_capture_search_path();
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
-	held_init();
+	held_init(my_worker);
+	limits_init_worker();
 	http_init();
 	responded = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
+	parked = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
 	events = CreateWaitEventSet(TopMemoryContext, 3);
 	AddWaitEventToSet(events, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
@@ -183,6 +188,7 @@ jobloop_worker_main(Datum main_arg)
 		int			nevents;
 		TimestampTz now = GetCurrentTimestamp();
 		int			nresponded;
+		int			nparked;
 		int			ncancels;
 		bool		rescan = false;
 		bool		heartbeat;
@@ -209,11 +215,16 @@ jobloop_worker_main(Datum main_arg)
 		ncancels = take_cancels(cancels, lengthof(cancels), &rescan);
 		nresponded = held_collect_responses(responded, MAX_RESPONSES_PER_BATCH);
 
+		held_retry_blocked(now);
+		held_send_due(now);
+		nparked = held_take_releases(parked, MAX_RESPONSES_PER_BATCH);
+
 		heartbeat = now >= next_heartbeat;
 		claim = held_count() < jobloop_max_in_flight &&
 			(batch_claim_wanted || now >= batch_next_claim_at);
-		if (nresponded > 0 || ncancels > 0 || rescan || heartbeat || claim)
-			batch_run(responded, nresponded, cancels, ncancels, claim, heartbeat, rescan);
+		if (nresponded > 0 || ncancels > 0 || nparked > 0 || rescan || heartbeat || claim)
+			batch_run(responded, nresponded, cancels, ncancels, parked, nparked,
+					  claim, heartbeat, rescan);
 		if (heartbeat)
 			next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
 

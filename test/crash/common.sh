@@ -1,0 +1,211 @@
+# shellcheck shell=bash
+#
+# test/crash/common.sh -- helpers shared by test/crash/crash.sh and test/fault/fault.sh.
+#
+# Source it after scripts/lib.sh.  It gives:
+#
+#   TAP       tap_plan N, tap_ok DESC, tap_not_ok DESC [DIAG...], tap_check DESC CMD...,
+#             tap_is GOT EXPECTED DESC, tap_diag MSG..., tap_done (exit status: 1 if any
+#             test failed or the count differs from the plan)
+#   SQL       cr_sql SQL            psql -At; returns psql's status (quietly fails while
+#                                   the server restarts)
+#             cr_sql_must SQL       the same, but a failure aborts the suite (bail out)
+#   workers   cr_worker_pids        the pids of the running jobloop workers, one a line
+#             cr_workers_up N [PID...]  true when N workers run and none has a listed pid
+#   chaos     cr_kill_worker NAME   kill -9 the worker whose application_name is NAME and
+#                                   wait until the postmaster has restarted every worker
+#             cr_restart_immediate  pg_ctl stop -m immediate, start, wait for the workers
+#             cr_progress           sum(step) over all jobs (empty while the server is down)
+#             cr_wait_progress MIN AFTER SECONDS
+#                                   wait until sum(step) >= MIN and > AFTER
+#   access log  cr_load_access_log SCHEMA.TABLE  parse $JL_MOCK_LOG into a table
+#
+# Every disruption appends its wall-clock time (epoch seconds, the clock nginx's $msec uses)
+# to CR_EVENTS, so a suite can tell a duplicate request caused by a crash from any other.
+
+CR_WORKERS=${CR_WORKERS:-2}
+CR_EVENTS=()
+
+# ---------------------------------------------------------------------------------------
+# TAP
+
+_tap_n=0
+_tap_failed=0
+_tap_planned=0
+
+tap_plan() {
+    _tap_planned=$1
+    echo "1..$1"
+}
+
+tap_diag() {
+    local line
+    while IFS= read -r line; do
+        printf '# %s\n' "$line"
+    done <<<"$*"
+}
+
+tap_ok() {
+    _tap_n=$((_tap_n + 1))
+    echo "ok $_tap_n - $1"
+}
+
+tap_not_ok() {
+    local desc=$1
+    shift
+    _tap_n=$((_tap_n + 1))
+    _tap_failed=$((_tap_failed + 1))
+    echo "not ok $_tap_n - $desc"
+    (( $# > 0 )) && tap_diag "$@"
+    return 0
+}
+
+# tap_check DESC CMD [ARG...]: ok when CMD succeeds; CMD's output becomes diagnostics.
+tap_check() {
+    local desc=$1 out
+    shift
+    if out=$("$@" 2>&1); then
+        tap_ok "$desc"
+        [[ -n "$out" ]] && tap_diag "$out"
+    else
+        tap_not_ok "$desc" "${out:-command failed: $*}"
+    fi
+    return 0
+}
+
+tap_is() {
+    local got=$1 expected=$2 desc=$3
+    if [[ "$got" == "$expected" ]]; then
+        tap_ok "$desc"
+    else
+        tap_not_ok "$desc" "     got: '$got'" "expected: '$expected'"
+    fi
+}
+
+tap_done() {
+    if (( _tap_n != _tap_planned )); then
+        tap_diag "planned $_tap_planned tests but ran $_tap_n"
+        exit 1
+    fi
+    if (( _tap_failed > 0 )); then
+        tap_diag "failed $_tap_failed of $_tap_n tests"
+        exit 1
+    fi
+    exit 0
+}
+
+# ---------------------------------------------------------------------------------------
+# SQL
+
+cr_sql() {
+    jl_psql -At -c "$1" 2>/dev/null
+}
+
+cr_sql_must() {
+    local out
+    if ! out=$(jl_psql -At -c "$1" 2>&1); then
+        echo "Bail out! SQL failed: $1"
+        tap_diag "$out"
+        exit 1
+    fi
+    printf '%s\n' "$out"
+}
+
+# ---------------------------------------------------------------------------------------
+# Workers
+
+cr_worker_pids() {
+    cr_sql "SELECT pid FROM pg_stat_activity WHERE backend_type = 'jobloop worker' ORDER BY pid"
+}
+
+# cr_workers_up N [OLD_PID...]: N workers run, none of them one of OLD_PID.
+cr_workers_up() {
+    local want=$1 pids pid old n=0
+    shift
+    pids=$(cr_worker_pids) || return 1
+    for pid in $pids; do
+        for old in "$@"; do
+            [[ "$pid" == "$old" ]] && return 1
+        done
+        n=$((n + 1))
+    done
+    (( n == want ))
+}
+
+# kill -9 one worker.  A backend that dies of a signal makes the postmaster reset shared
+# memory and restart every backend, so afterwards all workers are new processes.
+# Sets CR_KILLED_PID.  Returns non-zero if no such worker or the workers did not come back.
+cr_kill_worker() {
+    local name=$1 old pid
+    old=$(cr_worker_pids) || return 1
+    pid=$(cr_sql "SELECT pid FROM pg_stat_activity WHERE backend_type = 'jobloop worker'
+                  AND application_name = '$name'") || return 1
+    [[ -n "$pid" ]] || { jl_log "no worker named '$name'"; return 1; }
+    CR_EVENTS+=("${EPOCHREALTIME/,/.}")
+    kill -9 "$pid" || return 1
+    CR_KILLED_PID=$pid
+    # shellcheck disable=SC2086
+    jl_wait_for 60 cr_workers_up "$CR_WORKERS" $old
+}
+
+cr_restart_immediate() {
+    local old
+    old=$(cr_worker_pids) || return 1
+    CR_EVENTS+=("${EPOCHREALTIME/,/.}")
+    jl_cluster_restart_immediate || return 1
+    # shellcheck disable=SC2086
+    jl_wait_for 60 cr_workers_up "$CR_WORKERS" $old
+}
+
+cr_progress() {
+    cr_sql "SELECT coalesce(sum(step), 0) FROM jobloop.job"
+}
+
+_cr_progressed() {
+    local min=$1 after=$2 p
+    p=$(cr_progress) || return 1
+    [[ -n "$p" ]] && (( p >= min && p > after ))
+}
+
+cr_wait_progress() {
+    jl_wait_for "$3" _cr_progressed "$1" "$2"
+}
+
+_cr_unfinished() {
+    local n
+    n=$(cr_sql "SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')") || return 1
+    [[ "$n" == 0 ]]
+}
+
+# cr_wait_all_finished SECONDS
+cr_wait_all_finished() {
+    jl_wait_for "$1" _cr_unfinished
+}
+
+# ---------------------------------------------------------------------------------------
+# Access log -> table (one row per request), for SQL checks.
+#   t        when the request finished (nginx $msec)
+#   started  when it started (t - $request_time)
+#   uri, status, key (NULL when no Idempotency-Key), job, step (from the key), n (?n=)
+cr_load_access_log() {
+    local table=$1
+    cr_sql_must "CREATE TABLE ${table}_raw (line text);
+                 CREATE TABLE $table (t numeric, started numeric, uri text, status int,
+                    key text, job bigint, step int, n int)" >/dev/null
+    jl_psql -c "COPY ${table}_raw FROM STDIN WITH (FORMAT text, DELIMITER E'\\x01')" \
+        <"$JL_MOCK_LOG" >/dev/null || return 1
+    cr_sql_must "INSERT INTO $table
+        SELECT m[1]::numeric, m[1]::numeric - m[6]::numeric, m[3], m[4]::int,
+               nullif(m[5], '-'),
+               (regexp_match(m[5], '^jobloop-[0-9]+-[0-9]+-([0-9]+)-[0-9]+\$'))[1]::bigint,
+               (regexp_match(m[5], '^jobloop-[0-9]+-[0-9]+-[0-9]+-([0-9]+)\$'))[1]::int,
+               (regexp_match(m[3], '[?&]n=(-?[0-9]+)'))[1]::int
+          FROM ${table}_raw,
+               regexp_match(line, '^([0-9.]+) \\S+ \\S+ \"(\\S+) (\\S+)\" ([0-9]+) [0-9]+ \"([^\"]*)\" ([0-9.]+)\$') m" >/dev/null
+}
+
+# The disruption times as a SQL array literal of numerics.
+cr_events_sql() {
+    local IFS=,
+    echo "ARRAY[${CR_EVENTS[*]:-NULL}]::numeric[]"
+}
