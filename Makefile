@@ -15,11 +15,15 @@ OBJS = \
 	src/batch.o \
 	src/limits.o \
 	src/admin.o \
+	src/stats.o \
 	src/worker.o
 
 EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
 REGRESS = kinds submit cancel guard privileges
+# Isolation specs: test/isolation/specs/NAME.spec, expected output in test/isolation/expected/.
+ISOLATION = claim
+ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop
 
 PG_CPPFLAGS = -I$(srcdir)/src -std=c11
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare

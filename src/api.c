@@ -407,7 +407,9 @@ jobloop_drop_kind(PG_FUNCTION_ARGS)
 	if (unfinished > 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_IN_USE),
-				 errmsg("job kind \"%s\" has " INT64_FORMAT " unfinished jobs", name, unfinished),
+				 errmsg_plural("job kind \"%s\" has " INT64_FORMAT " unfinished job",
+							   "job kind \"%s\" has " INT64_FORMAT " unfinished jobs",
+							   unfinished, name, unfinished),
 				 errhint("Wait for them to finish or cancel them first.")));
 	store_run_plan(&delete_plan,
 			 "WITH j AS (DELETE FROM jobloop.job WHERE kind = $1)"
@@ -436,7 +438,7 @@ warn_if_unserved(void)
 		why = "jobloop is not in shared_preload_libraries";
 	else if (jobloop_workers == 0)
 		why = "jobloop.workers is 0";
-	else if (strcmp(jobloop_database, get_database_name(MyDatabaseId)) != 0)
+	else if (!shared_serves_database(get_database_name(MyDatabaseId)))
 		why = psprintf("jobloop.database is \"%s\"", jobloop_database);
 	if (why)
 	{

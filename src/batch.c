@@ -39,6 +39,7 @@
 #define IDLE_CLAIM_INTERVAL_MS	1000
 
 bool		batch_claim_wanted = true;
+int			my_worker_number = 0;
 TimestampTz batch_next_claim_at = 0;
 
 /* What to do with a job once the transaction has committed. */
@@ -64,6 +65,15 @@ static int	npendings = 0;
 static int	nupdates = 0;
 static int	capacity = 0;
 static int	writing_subxacts = 0;
+
+/* what this batch did, for stats */
+static int	n_steps = 0;
+static int	n_completed = 0;
+static int	n_failed = 0;
+static int	n_retries = 0;
+static double claim_ms = -1;
+
+#define RETENTION_BATCH			1000
 
 /* ---- transaction scaffolding ---- */
 
@@ -275,22 +285,26 @@ settle(Advance *a, TimestampTz now)
 	Pending    *p;
 	JobUpdate  *u;
 
+	/* a step that ran and committed counts, even if the job now ends (max_steps) */
+	if (a->new_state)
+	{
+		held_set_state(job, a->new_state);
+		job->step++;
+		job->attempts = 0;
+		n_steps++;
+	}
 	if (a->failure)
 	{
+		n_failed++;
 		p = add_pending(job, AFTER_DROP, 0);
 		u = add_update(p, "failed");
 		u->last_error = a->failure;
 		p->notify_status = "failed";
 		return;
 	}
-	if (a->new_state)
-	{
-		held_set_state(job, a->new_state);
-		job->step++;
-		job->attempts = 0;
-	}
 	if (a->completed)
 	{
+		n_completed++;
 		p = add_pending(job, AFTER_DROP, 0);
 		(void) add_update(p, "completed");
 		p->notify_status = "completed";
@@ -359,6 +373,7 @@ retry_later(HeldJob *job, const char *error, int64 retry_after, TimestampTz now)
 	Pending    *p = add_pending(job, release ? AFTER_DROP : AFTER_SEND, due);
 	JobUpdate  *u = add_update(p, "running");
 
+	n_retries++;
 	u->last_error = psprintf("%s (attempt %d of %d)", error, job->attempts, job->kind->max_attempts);
 	u->release = release;
 	u->run_after = due;
@@ -448,7 +463,12 @@ claim(TimestampTz now)
 	if (limit <= 0)
 		return;
 	claimed = palloc(limit * sizeof(ClaimedJob));
-	n = store_claim(limit, claimed, batch_cxt);
+	{
+		TimestampTz start = GetCurrentTimestamp();
+
+		n = store_claim(limit, claimed, batch_cxt);
+		claim_ms = (double) (GetCurrentTimestamp() - start) / 1000.0;
+	}
 	for (int i = 0; i < n; i++)
 	{
 		start_claimed(&claimed[i], now);
@@ -565,11 +585,22 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 		if (store_reap_expired() > 0)
 			want_claim = batch_claim_wanted = true;
 		store_extend_leases();
+		if (jobloop_retention > 0)
+			(void) store_delete_expired(RETENTION_BATCH);
 	}
 	if (want_claim)
 		claim(now);
 
-	commit_and_act();
+	{
+		TimestampTz start = GetCurrentTimestamp();
+
+		commit_and_act();
+		stats_record_batch(my_worker_number, n_steps, n_completed, n_failed, n_retries, claim_ms,
+						   (double) (GetCurrentTimestamp() - start) / 1000.0);
+		stats_record_load(my_worker_number, held_count(), http_in_flight());
+	}
+	n_steps = n_completed = n_failed = n_retries = 0;
+	claim_ms = -1;
 	MemoryContextReset(batch_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }

@@ -15,6 +15,7 @@
 #include <limits.h>
 
 #include "miscadmin.h"
+#include "nodes/pg_list.h"
 #include "postmaster/bgworker.h"
 #include "utils/guc.h"
 
@@ -34,6 +35,7 @@ int			jobloop_hold_delay = 10000;
 int			jobloop_max_redirects = 5;
 int			jobloop_max_endpoints = 1024;
 int			jobloop_tenant_max_concurrency = 0;
+int			jobloop_retention = 7 * 86400;
 
 static void
 allowed_hosts_assign(const char *newval, void *extra)
@@ -46,16 +48,16 @@ static void
 define_gucs(void)
 {
 	DefineCustomStringVariable("jobloop.database",
-							   "Database the jobloop workers serve.",
-							   NULL,
+							   "Databases the jobloop workers serve.",
+							   "A comma-separated list; each database gets jobloop.workers workers.",
 							   &jobloop_database,
 							   "postgres",
 							   PGC_POSTMASTER,
-							   0,
+							   GUC_LIST_INPUT,
 							   NULL, NULL, NULL);
 
 	DefineCustomIntVariable("jobloop.workers",
-							"Number of jobloop background workers.",
+							"Number of jobloop background workers per database.",
 							NULL,
 							&jobloop_workers,
 							1, 0, JOBLOOP_MAX_WORKERS,
@@ -155,15 +157,33 @@ define_gucs(void)
 							0,
 							NULL, NULL, NULL);
 
+	DefineCustomIntVariable("jobloop.retention",
+							"How long finished jobs are kept before the workers delete them.",
+							"0 keeps them forever.",
+							&jobloop_retention,
+							7 * 86400, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("jobloop");
 }
 
 static void
 register_workers(void)
 {
-	for (int i = 1; i <= jobloop_workers; i++)
+	List	   *databases = shared_database_names();
+	int			total = shared_total_workers();
+
+	if (list_length(databases) * jobloop_workers > JOBLOOP_MAX_WORKERS)
+		ereport(WARNING,
+				(errmsg("jobloop starts only %d workers", JOBLOOP_MAX_WORKERS),
+				 errdetail("jobloop.database lists %d databases with jobloop.workers = %d each.",
+						   list_length(databases), jobloop_workers)));
+	for (int i = 1; i <= total; i++)
 	{
 		BackgroundWorker worker;
+		const char *database = list_nth(databases, (i - 1) / jobloop_workers);
 
 		memset(&worker, 0, sizeof(worker));
 		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -172,8 +192,9 @@ register_workers(void)
 		worker.bgw_restart_time = 5;
 		snprintf(worker.bgw_library_name, BGW_MAXLEN, "jobloop");
 		snprintf(worker.bgw_function_name, BGW_MAXLEN, "jobloop_worker_main");
-		snprintf(worker.bgw_name, BGW_MAXLEN, "jobloop worker %d", i);
+		snprintf(worker.bgw_name, BGW_MAXLEN, "jobloop worker %d for %s", i, database);
 		snprintf(worker.bgw_type, BGW_MAXLEN, "jobloop worker");
+		strlcpy(worker.bgw_extra, database, BGW_EXTRALEN);
 		worker.bgw_main_arg = Int32GetDatum(i);
 		RegisterBackgroundWorker(&worker);
 	}

@@ -15,6 +15,7 @@
 
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/jsonb.h"
@@ -22,7 +23,7 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#define JOBLOOP_VERSION		"0.1.0"
+#define JOBLOOP_VERSION		"0.2.0"
 #define JOBLOOP_CHANNEL		"jobloop"
 #define JOBLOOP_MAX_WORKERS	64
 #define ENDPOINT_LEN		128		/* longest endpoint (host:port or rate_key) + 1 */
@@ -40,18 +41,41 @@ extern int	jobloop_hold_delay;			/* ms */
 extern int	jobloop_max_redirects;
 extern int	jobloop_max_endpoints;
 extern int	jobloop_tenant_max_concurrency;
+extern int	jobloop_retention;			/* seconds; 0 keeps finished jobs forever */
 
 /* ---- shared.c: shared memory between backends and workers ---- */
 #define CANCEL_QUEUE_SIZE	256
+
+#define STATS_SECONDS		60
+
+/* What a worker reports about itself (stats.c); written only by that worker. */
+typedef struct WorkerStats
+{
+	TimestampTz started_at;
+	int			held;
+	int			in_flight;
+	int64		steps;
+	int64		completed;
+	int64		failed;
+	int64		retries;
+	int64		batches;
+	double		claim_ms;		/* moving averages */
+	double		commit_ms;
+	int64		second[STATS_SECONDS];	/* steps per second, for rates */
+	int32		steps_in_second[STATS_SECONDS];
+} WorkerStats;
 
 typedef struct WorkerSlot
 {
 	slock_t		mutex;			/* protects everything below */
 	pid_t		pid;			/* 0 when no worker runs in this slot */
 	Latch	   *latch;
+	Oid			database;		/* the database this slot's worker serves */
+	char		database_name[NAMEDATALEN];
 	int			ncancels;
 	bool		cancel_overflow;	/* queue overflowed: worker must rescan */
 	int64		cancels[CANCEL_QUEUE_SIZE];
+	WorkerStats stats;
 } WorkerSlot;
 
 typedef struct JobloopShared
@@ -62,7 +86,11 @@ typedef struct JobloopShared
 
 extern void shared_install_hooks(void);
 extern bool shared_available(void);
-extern void shared_attach_worker(int worker);
+extern void shared_attach_worker(int worker, const char *database_name);
+extern int	shared_total_workers(void);
+extern bool shared_serves_database(const char *name);
+extern List *shared_database_names(void);
+extern WorkerSlot *shared_slot(int worker);
 extern void shared_wake_workers(void);
 extern void shared_wake_worker(int worker);
 extern void shared_post_cancel(int worker, int64 job_id);
@@ -198,6 +226,7 @@ extern void store_extend_leases(void);
 extern int	store_reap_expired(void);
 extern void store_release(int64 *ids, int n);
 extern int	store_held_ids(int64 *ids, int max);
+extern int	store_delete_expired(int limit);
 extern bool store_extension_ready(void);
 
 /* ---- api.c: the SQL API that writes, and what admin.c shares of it ---- */
@@ -289,10 +318,16 @@ extern void limits_release(const char *endpoint, bool tracked, long status,
 extern void limits_init_worker(void);
 extern void limits_sync(void);
 
+/* ---- stats.c: what workers report about themselves ---- */
+extern void stats_record_batch(int worker, int steps, int completed, int failed, int retries,
+							   double claim_ms, double commit_ms);
+extern void stats_record_load(int worker, int held, int in_flight);
+
 /* ---- batch.c: the transaction that advances jobs ---- */
 extern void batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 					  HeldJob **parked, int nparked, bool claim, bool heartbeat, bool rescan);
 extern bool batch_claim_wanted;
+extern int	my_worker_number;
 extern TimestampTz batch_next_claim_at;
 
 /* ---- worker.c ---- */

@@ -21,11 +21,53 @@ static JobloopShared *shared = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
+/* jobloop.database split at commas: the databases served, in order. */
+List *
+shared_database_names(void)
+{
+	List	   *names = NIL;
+	char	   *copy = pstrdup(jobloop_database ? jobloop_database : "");
+	char	   *save;
+
+	for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+	{
+		char	   *end = tok + strlen(tok);
+
+		while (*tok == ' ' || *tok == '\t')
+			tok++;
+		while (end > tok && (end[-1] == ' ' || end[-1] == '\t'))
+			*--end = '\0';
+		if (*tok)
+			names = lappend(names, pstrdup(tok));
+	}
+	return names;
+}
+
+/* Worker slots: jobloop.workers for each database, at most JOBLOOP_MAX_WORKERS. */
+int
+shared_total_workers(void)
+{
+	return Min(list_length(shared_database_names()) * jobloop_workers, JOBLOOP_MAX_WORKERS);
+}
+
+bool
+shared_serves_database(const char *name)
+{
+	ListCell   *lc;
+
+	if (jobloop_workers == 0)
+		return false;
+	foreach(lc, shared_database_names())
+		if (strcmp(lfirst(lc), name) == 0)
+			return true;
+	return false;
+}
+
 static Size
 shared_size(void)
 {
 	return add_size(offsetof(JobloopShared, workers),
-					mul_size(sizeof(WorkerSlot), Max(jobloop_workers, 1)));
+					mul_size(sizeof(WorkerSlot), Max(shared_total_workers(), 1)));
 }
 
 static void
@@ -50,8 +92,8 @@ shared_startup(void)
 	if (!found)
 	{
 		memset(shared, 0, shared_size());
-		shared->nworkers = jobloop_workers;
-		for (int i = 0; i < Max(jobloop_workers, 1); i++)
+		shared->nworkers = shared_total_workers();
+		for (int i = 0; i < Max(shared->nworkers, 1); i++)
 			SpinLockInit(&shared->workers[i].mutex);
 	}
 	limits_shmem_startup();
@@ -81,6 +123,15 @@ slot_for(int worker)
 	return &shared->workers[worker - 1];
 }
 
+/* A worker's slot, or NULL if there is no such worker. */
+WorkerSlot *
+shared_slot(int worker)
+{
+	if (!shared || worker < 1 || worker > shared->nworkers)
+		return NULL;
+	return slot_for(worker);
+}
+
 static void
 detach_worker(int code, Datum arg)
 {
@@ -97,19 +148,24 @@ detach_worker(int code, Datum arg)
  * dropped: the new worker starts by releasing everything it held anyway.
  */
 void
-shared_attach_worker(int worker)
+shared_attach_worker(int worker, const char *database_name)
 {
 	WorkerSlot *slot = slot_for(worker);
 
 	SpinLockAcquire(&slot->mutex);
 	slot->pid = MyProcPid;
 	slot->latch = MyLatch;
+	slot->database = MyDatabaseId;
+	strlcpy(slot->database_name, database_name, NAMEDATALEN);
+	memset(&slot->stats, 0, sizeof(slot->stats));
+	slot->stats.started_at = GetCurrentTimestamp();
 	slot->ncancels = 0;
 	slot->cancel_overflow = false;
 	SpinLockRelease(&slot->mutex);
 	on_shmem_exit(detach_worker, Int32GetDatum(worker));
 }
 
+/* Wake the workers serving this backend's database. */
 void
 shared_wake_workers(void)
 {
@@ -121,7 +177,7 @@ shared_wake_workers(void)
 		Latch	   *latch;
 
 		SpinLockAcquire(&slot->mutex);
-		latch = slot->latch;
+		latch = slot->database == MyDatabaseId ? slot->latch : NULL;
 		SpinLockRelease(&slot->mutex);
 		if (latch)
 			SetLatch(latch);

@@ -395,3 +395,23 @@ store_held_ids(int64 *ids, int max)
 	}
 	return n;
 }
+
+/*
+ * Retention: delete up to limit jobs that finished longer than
+ * jobloop.retention ago.  Small batches keep locks and WAL bursts short.
+ */
+int
+store_delete_expired(int limit)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		values[2] = {Int32GetDatum(limit), Int32GetDatum(jobloop_retention)};
+
+	store_run_plan(&plan,
+				   "DELETE FROM jobloop.job WHERE id IN ("
+				   "  SELECT id FROM jobloop.job"
+				   "   WHERE finished_at < now() - make_interval(secs => $2)"
+				   "   ORDER BY finished_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+				   2, types, values, NULL, SPI_OK_DELETE);
+	return (int) SPI_processed;
+}

@@ -30,6 +30,7 @@
 #define EXTENSION_POLL_MS			1000
 
 static int	my_worker;
+static char my_database[NAMEDATALEN];
 
 /* Run fn in a transaction of its own, with SPI connected. */
 static void
@@ -55,7 +56,7 @@ check_extension(void *arg)
 static void
 release_all(void *arg)
 {
-	store_release_all(jobloop_workers);
+	store_release_all(shared_total_workers());
 }
 
 static void
@@ -85,7 +86,7 @@ wait_for_extension(void)
 		if (!logged)
 		{
 			elog(LOG, "jobloop worker %d waiting for CREATE EXTENSION jobloop in database \"%s\"",
-				 my_worker, jobloop_database);
+				 my_worker, my_database);
 			logged = true;
 		}
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -150,16 +151,18 @@ jobloop_worker_main(Datum main_arg)
 	char		name[BGW_MAXLEN];
 
 	my_worker = DatumGetInt32(main_arg);
+	strlcpy(my_database, MyBgworkerEntry->bgw_extra, NAMEDATALEN);
+	my_worker_number = my_worker;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnection(jobloop_database, NULL, 0);
+	BackgroundWorkerInitializeConnection(my_database, NULL, 0);
 
 	snprintf(name, sizeof(name), "jobloop worker %d", my_worker);
 	SetConfigOption("application_name", name, PGC_USERSET, PGC_S_SESSION);
 	pgstat_report_activity(STATE_IDLE, NULL);
-	shared_attach_worker(my_worker);
+	shared_attach_worker(my_worker, my_database);
 	store_prepare(my_worker);
 
 	wait_for_extension();
@@ -180,7 +183,7 @@ jobloop_worker_main(Datum main_arg)
 
 	/* whatever our predecessor held is ours to redo, now */
 	in_transaction(release_all, NULL);
-	elog(LOG, "jobloop worker %d started in database \"%s\"", my_worker, jobloop_database);
+	elog(LOG, "jobloop worker %d started in database \"%s\"", my_worker, my_database);
 
 	for (;;)
 	{
