@@ -51,3 +51,11 @@ CREATE VIEW jobloop.errors WITH (security_invoker = true) AS
      GROUP BY j.kind;
 
 GRANT SELECT ON jobloop.stats, jobloop.errors TO PUBLIC;
+
+-- Warns (once per session) when no worker serves this database.
+CREATE FUNCTION jobloop.check_served()
+RETURNS void
+AS 'MODULE_PATHNAME', 'jobloop_check_served'
+LANGUAGE C VOLATILE;
+
+SELECT jobloop.check_served();

@@ -37,6 +37,7 @@ PG_FUNCTION_INFO_V1(jobloop_create_kind);
 PG_FUNCTION_INFO_V1(jobloop_drop_kind);
 PG_FUNCTION_INFO_V1(jobloop_submit);
 PG_FUNCTION_INFO_V1(jobloop_cancel);
+PG_FUNCTION_INFO_V1(jobloop_check_served);
 
 #define MAX_TENANT_LEN	200
 
@@ -448,6 +449,17 @@ warn_if_unserved(void)
 				 errhint("Set jobloop.database and shared_preload_libraries, then restart the server.")));
 		warned = true;
 	}
+}
+
+/*
+ * Called at CREATE EXTENSION: say so if no worker will run jobs here.  A
+ * warning, not an error, so that restoring a dump never fails on it.
+ */
+Datum
+jobloop_check_served(PG_FUNCTION_ARGS)
+{
+	warn_if_unserved();
+	PG_RETURN_VOID();
 }
 
 Datum
