@@ -338,6 +338,8 @@ store_extend_leases(void)
 /*
  * The reaper: jobs whose lease ran out (their worker is stuck or gone)
  * become claimable again.  Our own jobs are never reaped by ourselves.
+ * Rows being written right now are skipped, not waited for: a batch that
+ * locks many rows in another order would otherwise deadlock with us.
  */
 int
 store_reap_expired(void)
@@ -348,7 +350,9 @@ store_reap_expired(void)
 
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
-				   " WHERE worker IS NOT NULL AND worker <> $1 AND lease_expires_at < now()",
+				   " WHERE id IN (SELECT id FROM jobloop.job"
+				   "   WHERE worker IS NOT NULL AND worker <> $1 AND lease_expires_at < now()"
+				   "   FOR UPDATE SKIP LOCKED)",
 				   1, types, values, NULL, SPI_OK_UPDATE);
 	if (SPI_processed > 0)
 		elog(LOG, "jobloop worker %d reaped " UINT64_FORMAT " jobs whose lease expired",

@@ -3,7 +3,7 @@
 -- last_error, or (on_error => 'step') the step function gets the error.
 \ir lib.psql
 
-SELECT plan(36);
+SELECT plan(38);
 
 \o /dev/null
 -- jltest.script_request / script_step, with retry policies of their own.
