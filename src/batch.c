@@ -402,6 +402,7 @@ process_response(HeldJob *job, TimestampTz now)
 		retryable = true;
 	}
 
+	job->transport_failed = res->curl_code != 0 && !res->refused && !res->too_large;
 	if (error == NULL)
 		a.response = response_build(res);
 	else

@@ -142,6 +142,7 @@ held_add(ClaimedJob *c)
 	job->request = NULL;
 	job->transfer = NULL;
 	job->limit_tracked = false;
+	job->transport_failed = false;
 	job->queue = NULL;
 	job->not_before = 0;
 	job->phase = HELD_IDLE;
@@ -234,7 +235,7 @@ start_call(HeldJob *job, LimitVerdict *v, TimestampTz now)
 	/* unique per (cluster, database, job, step); retries of a step reuse it */
 	snprintf(key, sizeof(key), "jobloop-" UINT64_FORMAT "-%u-" INT64_FORMAT "-%d",
 			 GetSystemIdentifier(), MyDatabaseId, job->id, job->step);
-	job->transfer = http_start(job->request, key, timeout, job);
+	job->transfer = http_start(job->request, key, timeout, job->transport_failed, job);
 	if (job->transfer == NULL)
 	{
 		/* out of memory or handles: try again shortly, nothing is lost */

@@ -293,7 +293,8 @@ add_header(Transfer *xfer, const char *line)
  * retries later.
  */
 Transfer *
-http_start(const HttpRequest *req, const char *idempotency_key, int default_timeout_ms, void *owner)
+http_start(const HttpRequest *req, const char *idempotency_key, int default_timeout_ms,
+		   bool fresh_connection, void *owner)
 {
 	Transfer   *xfer = get_transfer();
 	CURL	   *e;
@@ -344,6 +345,14 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 	curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
 	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(e, CURLOPT_USERAGENT, "jobloop/" JOBLOOP_VERSION);
+	/*
+	 * libcurl re-sends a request by itself when a reused connection closes
+	 * without a reply (a stale keep-alive), on the next pooled connection.
+	 * A retry after a transport error therefore gets a new connection, so
+	 * that re-sending cannot repeat on every attempt.
+	 */
+	if (fresh_connection)
+		curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
 
 	if (strcmp(req->method, "GET") == 0)
 		curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);

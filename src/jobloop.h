@@ -148,7 +148,7 @@ typedef struct Transfer Transfer;
 extern void http_init(void);
 extern int	http_epoll_fd(void);
 extern Transfer *http_start(const HttpRequest *req, const char *idempotency_key,
-							int default_timeout_ms, void *owner);
+							int default_timeout_ms, bool fresh_connection, void *owner);
 extern void http_abort(Transfer *xfer);
 extern void http_socket_ready(void);
 extern void http_timer_fired(TimestampTz now);
@@ -269,6 +269,7 @@ typedef struct HeldJob
 	char	   *tenant;
 	int32		step;			/* completed steps */
 	int32		attempts;		/* failed attempts at the current step */
+	bool		transport_failed;	/* the last attempt failed without a response */
 	Jsonb	   *state;
 	Jsonb	   *request_json;	/* as returned by the request function */
 	HttpRequest *request;
