@@ -435,7 +435,9 @@ held_collect_responses(HeldJob **out, int max)
 		job->result = result;
 		out[n++] = job;
 		limits_release(job->request->endpoint, job->limit_tracked, result.status,
-					   response_retry_after_ms(&result), GetCurrentTimestamp());
+					   (result.status == 429 || result.status == 503) ?
+					   response_retry_after_ms(&result) : -1,
+					   GetCurrentTimestamp());
 		job->limit_tracked = false;
 		{
 			EndpointQueue *q = hash_search(queues, job->request->endpoint, HASH_FIND, NULL);

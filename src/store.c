@@ -24,15 +24,15 @@
 
 static int	my_worker = 0;
 
-void
-store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types,
-			   Datum *values, const char *nulls, int expected)
+static void
+run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types,
+		 Datum *values, const char *nulls, int expected, int cursor_options)
 {
 	int			rc;
 
 	if (*cache == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, types, cursor_options);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
@@ -42,6 +42,14 @@ store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types,
 	rc = SPI_execute_plan(*cache, values, nulls, false, 0);
 	if (rc != expected)
 		elog(ERROR, "SPI_execute_plan failed for \"%s\": %s", sql, SPI_result_code_string(rc));
+}
+
+/* Run a statement, prepared on first use and kept for the life of the process. */
+void
+store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types,
+			   Datum *values, const char *nulls, int expected)
+{
+	run_plan(cache, sql, nargs, types, values, nulls, expected, 0);
 }
 
 void
@@ -292,7 +300,12 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 	values[8] = array_of(cols[8], nulls[8], n, BOOLOID);
 	values[9] = Int32GetDatum(my_worker);
 
-	store_run_plan(&plan,
+	/*
+	 * Planned anew for every batch: a generic plan cannot know how many rows
+	 * the arrays hold, and one made while the table was small rescans the
+	 * unnest() for every held job -- quadratic in the batch.
+	 */
+	run_plan(&plan,
 				   "UPDATE jobloop.job j SET status = u.status, step = u.step, state = u.state,"
 				   "   request = u.request, last_error = u.last_error, attempts = u.attempts,"
 				   "   run_after = coalesce(u.run_after, j.run_after),"
@@ -305,7 +318,7 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 				   "   AS u(id, status, step, state, request, last_error, attempts, run_after, release)"
 				   " WHERE j.id = u.id AND j.worker = $10 AND j.status = 'running'"
 				   " RETURNING j.id",
-				   10, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+				   10, types, values, NULL, SPI_OK_UPDATE_RETURNING, CURSOR_OPT_CUSTOM_PLAN);
 
 	nreturned = (int) SPI_processed;
 	returned = palloc(Max(nreturned, 1) * sizeof(int64));

@@ -146,6 +146,7 @@ jobloop_worker_main(Datum main_arg)
 	WaitEventSet *events;
 	HeldJob   **responded;
 	HeldJob   **parked;
+	MemoryContext loop_cxt;
 	int64		cancels[CANCEL_QUEUE_SIZE];
 	TimestampTz next_heartbeat = 0;
 	char		name[BGW_MAXLEN];
@@ -185,6 +186,13 @@ jobloop_worker_main(Datum main_arg)
 	in_transaction(release_all, NULL);
 	elog(LOG, "jobloop worker %d started in database \"%s\"", my_worker, my_database);
 
+	/*
+	 * Between transactions CurrentMemoryContext would be TopMemoryContext;
+	 * everything a turn of the loop allocates goes here instead, and is
+	 * freed at the start of the next turn.
+	 */
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "jobloop loop", ALLOCSET_DEFAULT_SIZES);
+
 	for (;;)
 	{
 		WaitEvent	occurred[3];
@@ -196,6 +204,9 @@ jobloop_worker_main(Datum main_arg)
 		bool		rescan = false;
 		bool		heartbeat;
 		bool		claim;
+
+		MemoryContextSwitchTo(loop_cxt);
+		MemoryContextReset(loop_cxt);
 
 		nevents = WaitEventSetWait(events, wait_timeout(now, next_heartbeat),
 								   occurred, lengthof(occurred), PG_WAIT_EXTENSION);
@@ -226,8 +237,11 @@ jobloop_worker_main(Datum main_arg)
 		claim = held_count() < jobloop_max_in_flight &&
 			(batch_claim_wanted || now >= batch_next_claim_at);
 		if (nresponded > 0 || ncancels > 0 || nparked > 0 || rescan || heartbeat || claim)
+		{
 			batch_run(responded, nresponded, cancels, ncancels, parked, nparked,
 					  claim, heartbeat, rescan);
+			MemoryContextSwitchTo(loop_cxt);
+		}
 		if (heartbeat)
 			next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
 
