@@ -123,6 +123,7 @@ add_update(Pending *p, const char *status)
 	p->update = nupdates++;
 	memset(u, 0, sizeof(*u));
 	u->id = job->id;
+	u->from_step = job->committed_step;
 	u->status = status;
 	u->step = job->step;
 	u->state = job->state;
@@ -139,6 +140,9 @@ commit_and_act(void)
 	bool	   *applied = palloc(Max(nupdates, 1) * sizeof(bool));
 	TimestampTz now;
 
+	int64	   *lost = palloc(Max(nupdates, 1) * sizeof(int64));
+	int			nlost = 0;
+
 	(void) store_update_jobs(updates, nupdates, applied);
 	for (int i = 0; i < npendings; i++)
 	{
@@ -147,10 +151,19 @@ commit_and_act(void)
 		if (p->update < 0)
 			continue;
 		if (!applied[p->update])
-			p->after = AFTER_DROP;	/* cancelled or lease lost meanwhile */
-		else if (p->notify_status)
+		{
+			/* cancelled, or moved on without us: forget our copy */
+			p->after = AFTER_DROP;
+			lost[nlost++] = p->job->id;
+			continue;
+		}
+		p->job->committed_step = p->job->step;
+		if (p->notify_status)
 			notify_job(p->job->id, p->notify_status, p->job->step, p->job->tenant, p->job->kind_name);
 	}
+	/* a row still marked ours that we no longer track must not stay held forever */
+	if (nlost > 0)
+		store_release(lost, nlost);
 
 	PopActiveSnapshot();
 	SPI_finish();
@@ -440,6 +453,8 @@ start_claimed(ClaimedJob *c, TimestampTz now)
 	HeldJob    *job = held_add(c);
 	Advance		a = {job};
 
+	if (job == NULL)
+		return;
 	job->kind = kinds_lookup(c->kind);
 	if (c->was_pending)
 		notify_job(job->id, "running", job->step, job->tenant, job->kind_name);

@@ -118,8 +118,9 @@ forget_transfer_and_wait(HeldJob *job)
 }
 
 /*
- * Take a freshly claimed job.  If we still hold a stale copy (our lease
- * lapsed and we reclaimed it), the claim is the truth: drop the copy.
+ * Take a freshly claimed job.  Returns NULL if we still hold it (our lease
+ * lapsed, it was reaped, and we claimed it back): the copy we have goes on,
+ * and if the job moved on meanwhile, its next update fails the step fence.
  */
 HeldJob *
 held_add(ClaimedJob *c)
@@ -127,15 +128,15 @@ held_add(ClaimedJob *c)
 	HeldJob    *job;
 	bool		found;
 
-	job = hash_search(held, &c->id, HASH_FIND, NULL);
-	if (job)
-		held_drop(job);
 	job = hash_search(held, &c->id, HASH_ENTER, &found);
+	if (found)
+		return NULL;			/* our copy goes on; its updates are fenced by step */
 	job->kind = NULL;
 	job->kind_name = MemoryContextStrdup(held_cxt, c->kind);
 	job->owner = c->owner;
 	job->tenant = c->tenant ? MemoryContextStrdup(held_cxt, c->tenant) : NULL;
 	job->step = c->step;
+	job->committed_step = c->step;
 	job->attempts = c->attempts;
 	job->state = copy_jsonb(c->state);
 	job->request_json = copy_jsonb(c->request);

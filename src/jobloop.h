@@ -204,6 +204,7 @@ typedef struct ClaimedJob
 typedef struct JobUpdate
 {
 	int64		id;
+	int32		from_step;		/* applies only if the row is still at this step */
 	const char *status;
 	int32		step;
 	Jsonb	   *state;
@@ -268,6 +269,7 @@ typedef struct HeldJob
 	Oid			owner;
 	char	   *tenant;
 	int32		step;			/* completed steps */
+	int32		committed_step;	/* step as the table has it: fences our updates */
 	int32		attempts;		/* failed attempts at the current step */
 	bool		transport_failed;	/* the last attempt failed without a response */
 	Jsonb	   *state;

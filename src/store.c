@@ -251,23 +251,24 @@ compare_int64(const void *a, const void *b)
 /*
  * Write a batch of step results with one statement.  applied[i] tells
  * whether updates[i] took effect: it does not when the job is no longer
- * ours (cancelled, or its lease was lost).  Returns the number applied.
+ * ours (cancelled, its lease lost) or has moved past the step our copy
+ * started from.  Returns the number applied.
  */
 int
 store_update_jobs(JobUpdate *updates, int n, bool *applied)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[10] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, JSONBARRAYOID, JSONBARRAYOID,
-		TEXTARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID, BOOLARRAYOID, INT4OID};
-	Datum		values[10];
-	Datum	   *cols[9];
-	bool	   *nulls[9];
+	Oid			types[11] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, JSONBARRAYOID, JSONBARRAYOID,
+		TEXTARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID, BOOLARRAYOID, INT4OID, INT4ARRAYOID};
+	Datum		values[11];
+	Datum	   *cols[10];
+	bool	   *nulls[10];
 	int64	   *returned;
 	int			nreturned;
 
 	if (n == 0)
 		return 0;
-	for (int c = 0; c < 9; c++)
+	for (int c = 0; c < 10; c++)
 	{
 		cols[c] = palloc(n * sizeof(Datum));
 		nulls[c] = palloc0(n * sizeof(bool));
@@ -288,6 +289,7 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 		cols[7][i] = TimestampTzGetDatum(u->run_after);
 		nulls[7][i] = u->run_after == 0;
 		cols[8][i] = BoolGetDatum(u->release);
+		cols[9][i] = Int32GetDatum(u->from_step);
 	}
 	values[0] = array_of(cols[0], nulls[0], n, INT8OID);
 	values[1] = array_of(cols[1], nulls[1], n, TEXTOID);
@@ -299,6 +301,7 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 	values[7] = array_of(cols[7], nulls[7], n, TIMESTAMPTZOID);
 	values[8] = array_of(cols[8], nulls[8], n, BOOLOID);
 	values[9] = Int32GetDatum(my_worker);
+	values[10] = array_of(cols[9], nulls[9], n, INT4OID);
 
 	/*
 	 * Planned anew for every batch: a generic plan cannot know how many rows
@@ -314,11 +317,13 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 				   "   updated_at = now(),"
 				   "   finished_at = CASE WHEN u.status = ANY (ARRAY['completed', 'failed', 'cancelled'])"
 				   "                 THEN now() END"
-				   " FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-				   "   AS u(id, status, step, state, request, last_error, attempts, run_after, release)"
+				   " FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $11)"
+				   "   AS u(id, status, step, state, request, last_error, attempts, run_after, release,"
+				   "        from_step)"
 				   " WHERE j.id = u.id AND j.worker = $10 AND j.status = 'running'"
+				   "   AND j.step = u.from_step"
 				   " RETURNING j.id",
-				   10, types, values, NULL, SPI_OK_UPDATE_RETURNING, CURSOR_OPT_CUSTOM_PLAN);
+				   11, types, values, NULL, SPI_OK_UPDATE_RETURNING, CURSOR_OPT_CUSTOM_PLAN);
 
 	nreturned = (int) SPI_processed;
 	returned = palloc(Max(nreturned, 1) * sizeof(int64));
