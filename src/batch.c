@@ -532,8 +532,12 @@ rescan_held(void)
 	n = held_all(jobs, n);
 	nids = store_held_ids(ids, n);
 	qsort(ids, nids, sizeof(int64), compare_id);
+	/*
+	 * Jobs of this batch (responded, or going back to the table) stay: their
+	 * update is fenced and drops them if they are gone.
+	 */
 	for (int i = 0; i < n; i++)
-		if (jobs[i]->phase != HELD_IDLE &&
+		if (jobs[i]->phase != HELD_IDLE && jobs[i]->phase != HELD_RESPONDED &&
 			!bsearch(&jobs[i]->id, ids, nids, sizeof(int64), compare_id))
 			held_drop(jobs[i]);
 }
@@ -598,9 +602,12 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 
 	if (heartbeat)
 	{
-		if (store_reap_expired() > 0)
+		int64	   *ids = palloc(Max(held_count(), 1) * sizeof(int64));
+		int			nids = held_ids(ids, held_count());
+
+		if (store_reap_expired(ids, nids) > 0)
 			want_claim = batch_claim_wanted = true;
-		store_extend_leases();
+		store_extend_leases(ids, nids);
 		if (jobloop_retention > 0)
 			(void) store_delete_expired(RETENTION_BATCH);
 	}

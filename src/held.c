@@ -42,8 +42,11 @@ typedef struct EndpointQueue
 
 static HTAB *queues = NULL;
 
-/* Jobs whose wait for a limit is too long to hold: back to the table. */
-static HeldJob **to_release = NULL;
+/*
+ * Jobs whose wait for a limit is too long to hold go back to the table.
+ * Kept by id: a cancel may drop one before the next batch takes it.
+ */
+static int64 *to_release = NULL;
 static int	nto_release = 0;
 static int	max_to_release = 64;
 
@@ -75,7 +78,7 @@ held_init(int worker)
 	qctl.entrysize = sizeof(EndpointQueue);
 	qctl.hcxt = held_cxt;
 	queues = hash_create("jobloop endpoint queues", 64, &qctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-	to_release = MemoryContextAlloc(held_cxt, sizeof(HeldJob *) * max_to_release);
+	to_release = MemoryContextAlloc(held_cxt, sizeof(int64) * max_to_release);
 }
 
 MemoryContext
@@ -329,9 +332,9 @@ park(HeldJob *job, LimitVerdict *v, TimestampTz now)
 		if (nto_release == max_to_release)
 		{
 			max_to_release *= 2;
-			to_release = repalloc(to_release, max_to_release * sizeof(HeldJob *));
+			to_release = repalloc(to_release, max_to_release * sizeof(int64));
 		}
-		to_release[nto_release++] = job;
+		to_release[nto_release++] = job->id;
 		return;
 	}
 	dlist_push_tail(&q->jobs, &job->queue_node);
@@ -394,11 +397,18 @@ held_next_blocked(void)
 int
 held_take_releases(HeldJob **out, int max)
 {
-	int			n = Min(nto_release, max);
+	int			taken = Min(nto_release, max);
+	int			n = 0;
 
-	memcpy(out, to_release, n * sizeof(HeldJob *));
-	memmove(to_release, to_release + n, (nto_release - n) * sizeof(HeldJob *));
-	nto_release -= n;
+	for (int i = 0; i < taken; i++)
+	{
+		HeldJob    *job = held_find(to_release[i]);
+
+		if (job && job->phase == HELD_IDLE)
+			out[n++] = job;
+	}
+	memmove(to_release, to_release + taken, (nto_release - taken) * sizeof(int64));
+	nto_release -= taken;
 	return n;
 }
 
@@ -462,6 +472,22 @@ held_all(HeldJob **out, int max)
 	{
 		if (n < max)
 			out[n++] = job;
+	}
+	return n;
+}
+
+int
+held_ids(int64 *out, int max)
+{
+	HASH_SEQ_STATUS seq;
+	HeldJob    *job;
+	int			n = 0;
+
+	hash_seq_init(&seq, held);
+	while ((job = hash_seq_search(&seq)) != NULL)
+	{
+		if (n < max)
+			out[n++] = job->id;
 	}
 	return n;
 }

@@ -251,8 +251,11 @@ compare_int64(const void *a, const void *b)
 /*
  * Write a batch of step results with one statement.  applied[i] tells
  * whether updates[i] took effect: it does not when the job is no longer
- * ours (cancelled, its lease lost) or has moved past the step our copy
- * started from.  Returns the number applied.
+ * ours (cancelled, its lease lost), has moved past the step our copy
+ * started from, or is locked by someone else right now (a cancel in
+ * progress).  The worker never waits for another session's row lock: that
+ * wait could stall every job it holds, or deadlock with a statement that
+ * locks many jobs in another order.  Returns the number applied.
  */
 int
 store_update_jobs(JobUpdate *updates, int n, bool *applied)
@@ -309,21 +312,26 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 	 * unnest() for every held job -- quadratic in the batch.
 	 */
 	run_plan(&plan,
-				   "UPDATE jobloop.job j SET status = u.status, step = u.step, state = u.state,"
-				   "   request = u.request, last_error = u.last_error, attempts = u.attempts,"
-				   "   run_after = coalesce(u.run_after, j.run_after),"
-				   "   worker = CASE WHEN u.release THEN NULL ELSE j.worker END,"
-				   "   lease_expires_at = CASE WHEN u.release THEN NULL ELSE j.lease_expires_at END,"
-				   "   updated_at = now(),"
-				   "   finished_at = CASE WHEN u.status = ANY (ARRAY['completed', 'failed', 'cancelled'])"
-				   "                 THEN now() END"
-				   " FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $11)"
-				   "   AS u(id, status, step, state, request, last_error, attempts, run_after, release,"
-				   "        from_step)"
-				   " WHERE j.id = u.id AND j.worker = $10 AND j.status = 'running'"
-				   "   AND j.step = u.from_step"
-				   " RETURNING j.id",
-				   11, types, values, NULL, SPI_OK_UPDATE_RETURNING, CURSOR_OPT_CUSTOM_PLAN);
+			 "WITH u AS ("
+			 "    SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $11)"
+			 "      AS u(id, status, step, state, request, last_error, attempts, run_after, release,"
+			 "           from_step)),"
+			 " mine AS ("
+			 "    SELECT j.id FROM jobloop.job j JOIN u ON j.id = u.id"
+			 "     WHERE j.worker = $10 AND j.status = 'running' AND j.step = u.from_step"
+			 "     FOR UPDATE OF j SKIP LOCKED)"
+			 " UPDATE jobloop.job j SET status = u.status, step = u.step, state = u.state,"
+			 "   request = u.request, last_error = u.last_error, attempts = u.attempts,"
+			 "   run_after = coalesce(u.run_after, j.run_after),"
+			 "   worker = CASE WHEN u.release THEN NULL ELSE j.worker END,"
+			 "   lease_expires_at = CASE WHEN u.release THEN NULL ELSE j.lease_expires_at END,"
+			 "   updated_at = now(),"
+			 "   finished_at = CASE WHEN u.status = ANY (ARRAY['completed', 'failed', 'cancelled'])"
+			 "                 THEN now() END"
+			 "  FROM u, mine"
+			 " WHERE j.id = u.id AND j.id = mine.id"
+			 " RETURNING j.id",
+			 11, types, values, NULL, SPI_OK_UPDATE_RETURNING, CURSOR_OPT_CUSTOM_PLAN);
 
 	nreturned = (int) SPI_processed;
 	returned = palloc(Max(nreturned, 1) * sizeof(int64));
@@ -339,46 +347,68 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 	return nreturned;
 }
 
-/* The heartbeat: one statement extends the lease of every job we hold. */
+/*
+ * The heartbeat: one statement extends the lease of every job we hold --
+ * exactly those, so a row still marked ours that we no longer track runs
+ * out of lease and is reaped.
+ */
 void
-store_extend_leases(void)
+store_extend_leases(int64 *ids, int n)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[2] = {INT4OID, INT4OID};
-	Datum		values[2] = {Int32GetDatum(my_worker), Int32GetDatum(jobloop_lease_timeout)};
+	Oid			types[3] = {INT8ARRAYOID, INT4OID, INT4OID};
+	Datum		values[3];
+	Datum	   *elems = palloc(Max(n, 1) * sizeof(Datum));
 
+	for (int i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	values[0] = array_of(elems, NULL, n, INT8OID);
+	values[1] = Int32GetDatum(my_worker);
+	values[2] = Int32GetDatum(jobloop_lease_timeout);
 	store_run_plan(&plan,
-				   "UPDATE jobloop.job SET lease_expires_at = now() + make_interval(secs => $2)"
-				   " WHERE worker = $1",
-				   2, types, values, NULL, SPI_OK_UPDATE);
+				   "UPDATE jobloop.job SET lease_expires_at = now() + make_interval(secs => $3)"
+				   " WHERE id IN (SELECT id FROM jobloop.job WHERE id = ANY ($1) AND worker = $2"
+				   "              FOR UPDATE SKIP LOCKED)",
+				   3, types, values, NULL, SPI_OK_UPDATE);
 }
 
 /*
- * The reaper: jobs whose lease ran out (their worker is stuck or gone)
- * become claimable again.  Our own jobs are never reaped by ourselves.
+ * The reaper: jobs whose lease ran out (their worker is stuck or gone, or
+ * it stopped tracking them) become claimable again.  Jobs we hold are never
+ * reaped by ourselves.
  * Rows being written right now are skipped, not waited for: a batch that
  * locks many rows in another order would otherwise deadlock with us.
  */
 int
-store_reap_expired(void)
+store_reap_expired(int64 *held_ids, int nheld)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[1] = {INT4OID};
-	Datum		values[1] = {Int32GetDatum(my_worker)};
+	Oid			types[2] = {INT4OID, INT8ARRAYOID};
+	Datum		values[2];
+	Datum	   *elems = palloc(Max(nheld, 1) * sizeof(Datum));
+
+	for (int i = 0; i < nheld; i++)
+		elems[i] = Int64GetDatum(held_ids[i]);
+	values[0] = Int32GetDatum(my_worker);
+	values[1] = array_of(elems, NULL, nheld, INT8OID);
 
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
 				   " WHERE id IN (SELECT id FROM jobloop.job"
-				   "   WHERE worker IS NOT NULL AND worker <> $1 AND lease_expires_at < now()"
+				   "   WHERE worker IS NOT NULL AND lease_expires_at < now()"
+				   "     AND NOT (worker = $1 AND id = ANY ($2))"
 				   "   FOR UPDATE SKIP LOCKED)",
-				   1, types, values, NULL, SPI_OK_UPDATE);
+				   2, types, values, NULL, SPI_OK_UPDATE);
 	if (SPI_processed > 0)
 		elog(LOG, "jobloop worker %d reaped " UINT64_FORMAT " jobs whose lease expired",
 			 my_worker, SPI_processed);
 	return (int) SPI_processed;
 }
 
-/* Give jobs back to the table (still unfinished, claimable by anyone). */
+/*
+ * Give jobs back to the table (still unfinished, claimable by anyone).
+ * Rows locked right now are skipped; their lease runs out instead.
+ */
 void
 store_release(int64 *ids, int n)
 {
@@ -393,7 +423,8 @@ store_release(int64 *ids, int n)
 	values[1] = Int32GetDatum(my_worker);
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
-				   " WHERE id = ANY ($1) AND worker = $2",
+				   " WHERE id IN (SELECT id FROM jobloop.job WHERE id = ANY ($1) AND worker = $2"
+				   "              FOR UPDATE SKIP LOCKED)",
 				   2, types, values, NULL, SPI_OK_UPDATE);
 }
 
