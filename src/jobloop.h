@@ -88,6 +88,7 @@ extern void shared_install_hooks(void);
 extern bool shared_available(void);
 extern void shared_attach_worker(int worker, const char *database_name);
 extern int	shared_total_workers(void);
+extern int	shared_database_workers(const char *database, int *workers, int max);
 extern bool shared_serves_database(const char *name);
 extern List *shared_database_names(void);
 extern WorkerSlot *shared_slot(int worker);
@@ -219,7 +220,7 @@ typedef struct JobUpdate
 extern void store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types,
 						   Datum *values, const char *nulls, int expected);
 extern void store_prepare(int worker);
-extern void store_release_all(int nworkers);
+extern void store_release_all(int *siblings, int nsiblings);
 extern int	store_claim(int limit, ClaimedJob *out, MemoryContext cxt);
 extern TimestampTz store_next_runnable(void);
 extern int	store_update_jobs(JobUpdate *updates, int n, bool *applied);

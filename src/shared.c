@@ -50,6 +50,23 @@ shared_total_workers(void)
 	return Min(list_length(shared_database_names()) * jobloop_workers, JOBLOOP_MAX_WORKERS);
 }
 
+/*
+ * The worker numbers that serve database (as _PG_init registered them:
+ * jobloop.workers consecutive numbers per listed database).
+ */
+int
+shared_database_workers(const char *database, int *workers, int max)
+{
+	List	   *names = shared_database_names();
+	int			total = shared_total_workers();
+	int			n = 0;
+
+	for (int w = 1; w <= total; w++)
+		if (strcmp(list_nth(names, (w - 1) / jobloop_workers), database) == 0 && n < max)
+			workers[n++] = w;
+	return n;
+}
+
 bool
 shared_serves_database(const char *name)
 {
@@ -211,6 +228,12 @@ shared_post_cancel(int worker, int64 job_id)
 		return;
 	slot = slot_for(worker);
 	SpinLockAcquire(&slot->mutex);
+	if (slot->database != MyDatabaseId)
+	{
+		/* a number left over from another configuration: its lease will lapse */
+		SpinLockRelease(&slot->mutex);
+		return;
+	}
 	if (slot->ncancels < CANCEL_QUEUE_SIZE)
 		slot->cancels[slot->ncancels++] = job_id;
 	else

@@ -66,19 +66,27 @@ store_extension_ready(void)
 
 /*
  * At start: free every job a previous incarnation of this worker held (it
- * is dead, so there is no point waiting for its leases), and those of
- * worker numbers that no longer exist.
+ * is dead, so there is no point waiting for its leases), and those held by
+ * worker numbers that do not serve this database (any more): numbers move
+ * when jobloop.database or jobloop.workers change across a restart.
  */
 void
-store_release_all(int nworkers)
+store_release_all(int *siblings, int nsiblings)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[2] = {INT4OID, INT4OID};
-	Datum		values[2] = {Int32GetDatum(my_worker), Int32GetDatum(nworkers)};
+	Oid			types[2] = {INT4OID, INT4ARRAYOID};
+	Datum		values[2];
+	Datum	   *elems = palloc(Max(nsiblings, 1) * sizeof(Datum));
+	int			dims[1] = {nsiblings};
+	int			lbs[1] = {1};
 
+	for (int i = 0; i < nsiblings; i++)
+		elems[i] = Int32GetDatum(siblings[i]);
+	values[0] = Int32GetDatum(my_worker);
+	values[1] = PointerGetDatum(construct_md_array(elems, NULL, 1, dims, lbs, INT4OID, 4, true, 'i'));
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
-				   " WHERE worker IS NOT NULL AND (worker = $1 OR worker > $2)",
+				   " WHERE worker IS NOT NULL AND (worker = $1 OR worker <> ALL ($2))",
 				   2, types, values, NULL, SPI_OK_UPDATE);
 	if (SPI_processed > 0)
 		elog(LOG, "jobloop worker %d released " UINT64_FORMAT " jobs held before it started",

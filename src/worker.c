@@ -56,7 +56,10 @@ check_extension(void *arg)
 static void
 release_all(void *arg)
 {
-	store_release_all(shared_total_workers());
+	int			siblings[JOBLOOP_MAX_WORKERS];
+	int			n = shared_database_workers(my_database, siblings, JOBLOOP_MAX_WORKERS);
+
+	store_release_all(siblings, n);
 }
 
 static void
