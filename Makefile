@@ -20,9 +20,9 @@ OBJS = \
 
 EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
-REGRESS = kinds submit cancel guard privileges
+REGRESS = kinds submit cancel guard privileges limits upgrade
 # Isolation specs: test/isolation/specs/NAME.spec, expected output in test/isolation/expected/.
-ISOLATION = claim
+ISOLATION = claim cancel_step submit_claim
 ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop
 
 PG_CPPFLAGS = -I$(srcdir)/src -std=c11

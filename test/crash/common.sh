@@ -19,6 +19,8 @@
 #             cr_wait_progress MIN AFTER SECONDS
 #                                   wait until sum(step) >= MIN and > AFTER
 #   access log  cr_load_access_log SCHEMA.TABLE  parse $JL_MOCK_LOG into a table
+#   log       cr_boundaries_sql     when each old generation of processes was gone (SQL array)
+#             cr_unexpected_crashes server log lines of crashes other than our kill -9s
 #
 # Every disruption appends its wall-clock time (epoch seconds, the clock nginx's $msec uses)
 # to CR_EVENTS, so a suite can tell a duplicate request caused by a crash from any other.
@@ -143,6 +145,7 @@ cr_kill_worker() {
     [[ -n "$pid" ]] || { jl_log "no worker named '$name'"; return 1; }
     CR_EVENTS+=("${EPOCHREALTIME/,/.}")
     kill -9 "$pid" || return 1
+    # shellcheck disable=SC2034  # read by the suites
     CR_KILLED_PID=$pid
     # shellcheck disable=SC2086
     jl_wait_for 60 cr_workers_up "$CR_WORKERS" $old
@@ -208,4 +211,29 @@ cr_load_access_log() {
 cr_events_sql() {
     local IFS=,
     echo "ARRAY[${CR_EVENTS[*]:-NULL}]::numeric[]"
+}
+
+# The generation boundaries: when the server log says every process of the old generation
+# is gone ("all server processes terminated; reinitializing" after a backend crash,
+# "database system is shut down" after a stop), as epoch seconds, one a line.  Every
+# request an old worker started began before its boundary, and every request of the
+# workers started after it began later, so a boundary splits the access log exactly,
+# where the script's own timestamps (taken just before kill or pg_ctl stop) are only close.
+cr_boundaries() {
+    local d t z rest
+    grep -E 'all server processes terminated; reinitializing|database system is shut down' "$JL_PGLOG" \
+        | while read -r d t z rest; do
+            date -d "$d $t $z" +%s.%N
+        done
+}
+
+cr_boundaries_sql() {
+    local b
+    b=$(cr_boundaries | paste -sd, -)
+    echo "ARRAY[${b:-NULL}]::numeric[]"
+}
+
+# Crashes we did not cause: a backend killed by any signal but our SIGKILLs, or a PANIC.
+cr_unexpected_crashes() {
+    grep -E 'terminated by signal|PANIC' "$JL_PGLOG" | grep -v 'terminated by signal 9: Killed' || true
 }
