@@ -571,7 +571,7 @@ jobloop_cancel(PG_FUNCTION_ARGS)
 
 	enter_owner_context(&cxt);
 	store_run_plan(&lock_plan,
-			 "SELECT owner::oid, status, worker, step, tenant, kind FROM jobloop.job WHERE id = $1 FOR UPDATE",
+			 "SELECT owner::oid, status, worker, step, tenant, kind FROM jobloop.job WHERE id = $1 FOR NO KEY UPDATE",
 			 1, types, values, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0 ||
 		!(has_privs_of_role(caller,

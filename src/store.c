@@ -86,7 +86,9 @@ store_release_all(int *siblings, int nsiblings)
 	values[1] = PointerGetDatum(construct_md_array(elems, NULL, 1, dims, lbs, INT4OID, 4, true, 'i'));
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
-				   " WHERE worker IS NOT NULL AND (worker = $1 OR worker <> ALL ($2))",
+				   " WHERE id IN (SELECT id FROM jobloop.job"
+				   "   WHERE worker IS NOT NULL AND (worker = $1 OR worker <> ALL ($2))"
+				   "   FOR NO KEY UPDATE SKIP LOCKED)",
 				   2, types, values, NULL, SPI_OK_UPDATE);
 	if (SPI_processed > 0)
 		elog(LOG, "jobloop worker %d released " UINT64_FORMAT " jobs held before it started",
@@ -170,7 +172,7 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 				   "                  AND j.run_after <= now()"
 				   "                ORDER BY j.run_after, j.id"
 				   "                LIMIT least(r.room, s.n)"
-				   "                FOR UPDATE SKIP LOCKED) p"
+				   "                FOR NO KEY UPDATE SKIP LOCKED) p"
 				   "     WHERE r.room > 0"
 				   "     ORDER BY r.t <= $5, r.t"
 				   "     LIMIT $1)"
@@ -327,7 +329,7 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 			 " mine AS ("
 			 "    SELECT j.id FROM jobloop.job j JOIN u ON j.id = u.id"
 			 "     WHERE j.worker = $10 AND j.status = 'running' AND j.step = u.from_step"
-			 "     FOR UPDATE OF j SKIP LOCKED)"
+			 "     FOR NO KEY UPDATE OF j SKIP LOCKED)"
 			 " UPDATE jobloop.job j SET status = u.status, step = u.step, state = u.state,"
 			 "   request = u.request, last_error = u.last_error, attempts = u.attempts,"
 			 "   run_after = coalesce(u.run_after, j.run_after),"
@@ -376,7 +378,7 @@ store_extend_leases(int64 *ids, int n)
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET lease_expires_at = now() + make_interval(secs => $3)"
 				   " WHERE id IN (SELECT id FROM jobloop.job WHERE id = ANY ($1) AND worker = $2"
-				   "              FOR UPDATE SKIP LOCKED)",
+				   "              FOR NO KEY UPDATE SKIP LOCKED)",
 				   3, types, values, NULL, SPI_OK_UPDATE);
 }
 
@@ -405,7 +407,7 @@ store_reap_expired(int64 *held_ids, int nheld)
 				   " WHERE id IN (SELECT id FROM jobloop.job"
 				   "   WHERE worker IS NOT NULL AND lease_expires_at < now()"
 				   "     AND NOT (worker = $1 AND id = ANY ($2))"
-				   "   FOR UPDATE SKIP LOCKED)",
+				   "   FOR NO KEY UPDATE SKIP LOCKED)",
 				   2, types, values, NULL, SPI_OK_UPDATE);
 	if (SPI_processed > 0)
 		elog(LOG, "jobloop worker %d reaped " UINT64_FORMAT " jobs whose lease expired",
@@ -432,7 +434,7 @@ store_release(int64 *ids, int n)
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
 				   " WHERE id IN (SELECT id FROM jobloop.job WHERE id = ANY ($1) AND worker = $2"
-				   "              FOR UPDATE SKIP LOCKED)",
+				   "              FOR NO KEY UPDATE SKIP LOCKED)",
 				   2, types, values, NULL, SPI_OK_UPDATE);
 }
 
