@@ -198,7 +198,7 @@ typedef struct Advance
 	HttpRequest *request;
 } Advance;
 
-/* done? max_steps? request(state)?  Sets the outcome in a. */
+/* done(state)?  request(state)?  max_steps?  Sets the outcome in a. */
 static void
 next_request(Advance *a)
 {
@@ -212,15 +212,17 @@ next_request(Advance *a)
 		a->completed = true;
 		return;
 	}
-	if (step >= job->kind->max_steps)
-	{
-		a->failure = psprintf("job reached max_steps (%d) without finishing", job->kind->max_steps);
-		return;
-	}
 	a->request_json = logic_request(job->kind, job->owner, state, &finished);
 	if (finished)
 	{
 		a->completed = true;
+		return;
+	}
+	/* max_steps refuses only a request that would really be sent */
+	if (step >= job->kind->max_steps)
+	{
+		a->request_json = NULL;
+		a->failure = psprintf("job reached max_steps (%d) without finishing", job->kind->max_steps);
 		return;
 	}
 	a->request = request_parse(a->request_json, batch_cxt);
