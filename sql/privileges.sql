@@ -9,6 +9,12 @@
 -- CONTEXT lines would only show line numbers inside jobloop's own functions.
 \set SHOW_CONTEXT never
 
+-- Roles are global: remove leftovers of an interrupted earlier run.
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS regress_jobloop_app1_member, regress_jobloop_app1, regress_jobloop_app2,
+                    regress_jobloop_outsider, regress_jobloop_admin;
+RESET client_min_messages;
+
 CREATE ROLE regress_jobloop_app1;
 CREATE ROLE regress_jobloop_app2;
 CREATE ROLE regress_jobloop_outsider;

@@ -3,7 +3,7 @@
 -- last_error, or (on_error => 'step') the step function gets the error.
 \ir lib.psql
 
-SELECT plan(38);
+SELECT plan(40);
 
 \o /dev/null
 -- jltest.script_request / script_step, with retry policies of their own.
@@ -37,11 +37,23 @@ SELECT is_empty($$SELECT r.path, j.attempts, j.step FROM retries_jobs r JOIN job
                    WHERE j.attempts <> 3 OR j.step <> 0 OR j.state ? 'responses'$$,
                 'each after 3 attempts, at step 0, the step function never called');
 SELECT is_empty($$SELECT r.path, count(a.*) FROM retries_jobs r LEFT JOIN jltest.access_log() a ON a.key_job = r.id
-                   GROUP BY r.path HAVING count(a.*) <> 3$$,
-                'the API received exactly 3 requests for each');
+                   WHERE r.path <> '/reset' GROUP BY r.path HAVING count(a.*) <> 3$$,
+                'the API received exactly 3 requests for each status');
+-- A connection closed without a reply is special: libcurl itself re-sends a
+-- request whose reused keep-alive connection died (up to 5 times, at once).
+-- jobloop sends its retries on a fresh connection, so only the first attempt
+-- can be multiplied (a documented limitation).
+SELECT cmp_ok((SELECT count(*) FROM retries_jobs r JOIN jltest.access_log() a ON a.key_job = r.id WHERE r.path = '/reset'),
+              '<=', 3 + 5::bigint, '/reset: at most 3 attempts + 5 re-sends of the first by libcurl');
+SELECT is_empty($$SELECT d.gap FROM (
+                     SELECT a.at - lag(a.at) OVER (ORDER BY a.line_no) AS gap,
+                            row_number() OVER (ORDER BY a.line_no DESC) AS from_end
+                       FROM retries_jobs r JOIN jltest.access_log() a ON a.key_job = r.id WHERE r.path = '/reset') d
+                   WHERE d.from_end <= 2 AND d.gap < 0.010 - 0.002$$,
+                '/reset: attempts 2 and 3 are one request each, after the backoff (>= 10 ms)');
 SELECT is_empty($$SELECT r.path, a.idempotency_key FROM retries_jobs r JOIN jltest.access_log() a ON a.key_job = r.id
                    WHERE a.idempotency_key <> jltest.idempotency_key(r.id, 0) OR a.uri <> r.path$$,
-                'all 3 with the same URL and the same Idempotency-Key (that of step 0)');
+                'every request of a job with the same URL and the same Idempotency-Key (that of step 0)');
 
 -- Statuses that are not retried reach the step function at once.
 CREATE TEMP TABLE retries_final AS
@@ -100,6 +112,9 @@ SELECT is(state->'responses'->1->'body', 'null', 'and body null') FROM jobloop.j
 SELECT is(state->'responses'->2->'body', '{"ok": true, "n": 3}', 'the next step is a normal response again')
   FROM jobloop.jobs WHERE id = :to_step;
 SELECT ok(NOT (state->'responses'->2 ? 'error'), 'without an error key') FROM jobloop.jobs WHERE id = :to_step;
-SELECT is((SELECT count(*) FROM jltest.requests_of(:to_step)), 5::bigint, '2 + 2 + 1 requests');
+SELECT results_eq(format($$SELECT step, count(*) FILTER (WHERE step <> 1), count(*) FILTER (WHERE step = 1) BETWEEN 2 AND 2 + 5
+                            FROM jltest.requests_of(%s) GROUP BY step ORDER BY step$$, :to_step),
+                  $$VALUES (0, 2::bigint, false), (1, 0::bigint, true), (2, 1::bigint, false)$$,
+                  'requests: 2 for step 0, 2 (+ up to 5 libcurl re-sends) for step 1, 1 for step 2');
 
 SELECT * FROM finish();
