@@ -6,6 +6,10 @@
  */
 \echo Use "ALTER EXTENSION jobloop UPDATE TO '0.2.0'" to load this file. \quit
 
+-- pg_dump must carry the job id sequence along with the rows, or a restored
+-- database would hand out ids that already exist.
+SELECT pg_catalog.pg_extension_config_dump('jobloop.job_id_seq', '');
+
 -- Retention deletes the oldest finished jobs first.
 CREATE INDEX job_finished_idx ON jobloop.job (finished_at) WHERE finished_at IS NOT NULL;
 

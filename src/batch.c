@@ -74,6 +74,7 @@ static int	n_retries = 0;
 static double claim_ms = -1;
 
 #define RETENTION_BATCH			1000
+#define RETENTION_ROUNDS		20
 
 /* ---- transaction scaffolding ---- */
 
@@ -196,6 +197,7 @@ typedef struct Advance
 	const char *failure;
 	Jsonb	   *request_json;
 	HttpRequest *request;
+	bool		resumed;		/* resending a stored request: its wait is over */
 } Advance;
 
 /* done(state)?  request(state)?  max_steps?  Sets the outcome in a. */
@@ -237,9 +239,13 @@ advance(Advance *a)
 		a->new_state = logic_step(job->kind, job->owner, job->state, a->response);
 	else if (job->request_json)
 	{
-		/* reclaimed: resend what the last committed step asked for */
+		/*
+		 * Reclaimed: resend what the last committed step asked for.  Its
+		 * delay (or backoff) was served in the table, as run_after.
+		 */
 		a->request_json = job->request_json;
 		a->request = request_parse(job->request_json, batch_cxt);
+		a->resumed = true;
 		return;
 	}
 	next_request(a);
@@ -326,8 +332,9 @@ settle(Advance *a, TimestampTz now)
 	}
 	else
 	{
-		TimestampTz due = now + (TimestampTz) a->request->delay_ms * 1000;
-		bool		release = a->request->delay_ms > jobloop_hold_delay;
+		int			delay_ms = a->resumed ? 0 : a->request->delay_ms;
+		TimestampTz due = now + (TimestampTz) delay_ms * 1000;
+		bool		release = delay_ms > jobloop_hold_delay;
 
 		held_set_request(job, a->request_json, request_copy(a->request, held_context()));
 		p = add_pending(job, release ? AFTER_DROP : AFTER_SEND, due);
@@ -610,8 +617,10 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 		if (store_reap_expired(ids, nids) > 0)
 			want_claim = batch_claim_wanted = true;
 		store_extend_leases(ids, nids);
-		if (jobloop_retention > 0)
-			(void) store_delete_expired(RETENTION_BATCH);
+		/* keep up with up to RETENTION_ROUNDS batches per heartbeat */
+		for (int r = 0; jobloop_retention > 0 && r < RETENTION_ROUNDS; r++)
+			if (store_delete_expired(RETENTION_BATCH) < RETENTION_BATCH)
+				break;
 	}
 	if (want_claim)
 		claim(now);

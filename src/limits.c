@@ -13,7 +13,8 @@
  * The allowed rate moves like TCP's congestion window: after the endpoint
  * has been idle it restarts low (RAMP_START of max_rate) and climbs
  * linearly to max_rate over the ramp interval; a 429 or 503 halves it
- * (never below the start), and it climbs back at the same slope.  Tokens
+ * (never below that floor), and it climbs back at the same slope -- or,
+ * without a ramp, over RECOVERY_SECONDS.  Tokens
  * refill at the allowed rate; the bucket holds BURST_SECONDS of it, so
  * requests leave evenly rather than in bursts.
  *
@@ -41,6 +42,7 @@
 #define RAMP_START			0.1		/* fraction of max_rate a ramp starts from */
 #define BURST_SECONDS		0.05	/* bucket depth, in seconds of allowed rate */
 #define IDLE_RESET_SECONDS	1.0		/* idle this long (nothing in flight): ramp again */
+#define RECOVERY_SECONDS	5.0		/* without a ramp: climb back from a cut in this long */
 #define BUCKET_MS			100		/* "requests in the last second", in 10 slices */
 #define NBUCKETS			10
 
@@ -104,28 +106,39 @@ seconds_between(TimestampTz from, TimestampTz to)
 	return (double) (to - from) / 1000000.0;
 }
 
+/* The lowest allowed rate: where a ramp starts, and the floor of a cut. */
+static double
+floor_rate(EndpointLimit *e)
+{
+	return Max(e->max_rate * RAMP_START, Min(1.0, e->max_rate));
+}
+
+/* The allowed rate of an endpoint that has just been configured or gone idle. */
 static double
 start_rate(EndpointLimit *e)
 {
-	return e->ramp_seconds > 0 ? Max(e->max_rate * RAMP_START, Min(1.0, e->max_rate)) : e->max_rate;
+	return e->ramp_seconds > 0 ? floor_rate(e) : e->max_rate;
 }
 
-/* Bring allowed_rate and tokens up to now. */
+/*
+ * Bring allowed_rate and tokens up to now.  The rate climbs linearly from
+ * the floor to max_rate over the ramp (or, without one, over
+ * RECOVERY_SECONDS after a cut).
+ */
 static void
 refill(EndpointLimit *e, TimestampTz now)
 {
 	double		dt = Max(seconds_between(e->refilled_at, now), 0);
+	double		climb = e->ramp_seconds > 0 ? e->ramp_seconds : RECOVERY_SECONDS;
 
 	if (e->max_rate <= 0)
 		return;
-	if (e->in_flight == 0 && seconds_between(e->last_sent_at, now) >= IDLE_RESET_SECONDS &&
-		e->ramp_seconds > 0)
+	if (e->ramp_seconds > 0 && e->in_flight == 0 &&
+		seconds_between(e->last_sent_at, now) >= IDLE_RESET_SECONDS)
 		e->allowed_rate = start_rate(e);
-	else if (e->ramp_seconds > 0)
-		e->allowed_rate = Min(e->max_rate,
-							  e->allowed_rate + dt * (e->max_rate - start_rate(e)) / e->ramp_seconds);
 	else
-		e->allowed_rate = e->max_rate;
+		e->allowed_rate = Min(e->max_rate,
+							  e->allowed_rate + dt * (e->max_rate - floor_rate(e)) / climb);
 	e->tokens = Min(Max(1.0, e->allowed_rate * BURST_SECONDS), e->tokens + dt * e->allowed_rate);
 	e->refilled_at = now;
 }
@@ -218,13 +231,14 @@ limits_release(const char *endpoint, bool tracked, long status, int64 retry_afte
 {
 	EndpointLimit *e;
 	uint64		wake = 0;
+	bool		found = true;
 	bool		pause = retry_after_ms > 0 && (status == 429 || status == 503);
 
 	if (endpoints == NULL || (!tracked && !pause))
 		return;
 	LWLockAcquire(endpoints_lock, LW_EXCLUSIVE);
-	e = hash_search(endpoints, endpoint, pause ? HASH_ENTER_NULL : HASH_FIND, NULL);
-	if (e && pause && e->refilled_at == 0)
+	e = hash_search(endpoints, endpoint, pause ? HASH_ENTER_NULL : HASH_FIND, &found);
+	if (e && !found)
 	{
 		/* a new, unconfigured entry that exists only to hold the pause */
 		memset((char *) e + ENDPOINT_LEN, 0, sizeof(EndpointLimit) - ENDPOINT_LEN);
@@ -237,7 +251,7 @@ limits_release(const char *endpoint, bool tracked, long status, int64 retry_afte
 		if ((status == 429 || status == 503) && e->max_rate > 0)
 		{
 			refill(e, now);
-			e->allowed_rate = Max(start_rate(e), e->allowed_rate / 2);
+			e->allowed_rate = Max(floor_rate(e), e->allowed_rate / 2);
 			e->tokens = Min(e->tokens, 0);
 		}
 		if (pause)
@@ -288,15 +302,22 @@ limits_sync(void)
 				   0, NULL, NULL, NULL, SPI_OK_SELECT);
 
 	LWLockAcquire(endpoints_lock, LW_EXCLUSIVE);
+	/* every entry loses its limits unless the table still has them */
 	hash_seq_init(&seq, endpoints);
 	while ((e = hash_seq_search(&seq)) != NULL)
+	{
 		e->configured = false;
+		e->max_rate = 0;
+		e->max_concurrency = 0;
+		e->ramp_seconds = 0;
+	}
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	row = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
 		bool		found;
+		bool		newly;
 		char	   *name = TextDatumGetCString(SPI_getbinval(row, desc, 1, &isnull));
 
 		if (strlen(name) >= ENDPOINT_LEN)
@@ -313,14 +334,16 @@ limits_sync(void)
 			memset((char *) e + ENDPOINT_LEN, 0, sizeof(EndpointLimit) - ENDPOINT_LEN);
 			e->refilled_at = now;
 		}
+		newly = !found || e->allowed_rate <= 0;
 		e->configured = true;
 		e->max_rate = DatumGetFloat8(SPI_getbinval(row, desc, 2, &isnull));
 		e->max_concurrency = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
 		e->ramp_seconds = DatumGetFloat8(SPI_getbinval(row, desc, 4, &isnull));
-		if (!found)
+		if (newly)
 		{
 			e->allowed_rate = start_rate(e);
 			e->tokens = 1.0;
+			e->refilled_at = now;
 		}
 		e->allowed_rate = Min(e->allowed_rate, e->max_rate);
 	}

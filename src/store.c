@@ -143,6 +143,19 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 	CStringGetTextDatum(cursor ? cursor : "")};
 	char	   *last_after = NULL;
 	char	   *last_any = NULL;
+	static SPIPlanPtr serialize_plan = NULL;
+	Oid			serialize_types[1] = {INT4OID};
+
+	/*
+	 * A tenant's room is counted from the claim's snapshot, so two workers
+	 * claiming at once would each fill it.  When any tenant cap exists,
+	 * claims take turns (until the claiming transaction ends), and this
+	 * statement's successor sees the other worker's committed claims.
+	 */
+	store_run_plan(&serialize_plan,
+				   "SELECT pg_advisory_xact_lock(1785688949, 1)"
+				   " WHERE $1 > 0 OR EXISTS (SELECT FROM jobloop.tenant_limit)",
+				   1, serialize_types, &values[3], NULL, SPI_OK_SELECT);
 
 	store_run_plan(&plan,
 				   "WITH RECURSIVE tenants(t) AS ("
