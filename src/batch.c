@@ -46,7 +46,8 @@ TimestampTz batch_next_claim_at = 0;
 typedef enum AfterCommit
 {
 	AFTER_SEND,					/* send its request at not_before */
-	AFTER_DROP					/* forget it: finished, released, or lost */
+	AFTER_DROP,					/* forget it: finished, released, or lost */
+	AFTER_KEEP					/* keep it waiting: its update is deferred */
 } AfterCommit;
 
 typedef struct Pending
@@ -57,6 +58,23 @@ typedef struct Pending
 	int			update;			/* index into updates, or -1 */
 	const char *notify_status;	/* notify when the update applies */
 } Pending;
+
+/*
+ * An update that found its row locked, kept to be retried next turn.  Until
+ * it applies the job waits: its next request must not leave before its
+ * state is durable.
+ */
+typedef struct Deferred
+{
+	JobUpdate	update;			/* state and request point into the held job */
+	AfterCommit after;
+	TimestampTz not_before;
+	const char *notify_status;
+} Deferred;
+
+static HeldJob **deferred_jobs = NULL;
+static int	ndeferred = 0;
+static int	max_deferred = 0;
 
 static MemoryContext batch_cxt = NULL;
 static Pending *pendings = NULL;
@@ -134,6 +152,71 @@ add_update(Pending *p, const char *status)
 	return u;
 }
 
+static void
+defer(Pending *p, JobUpdate *u)
+{
+	HeldJob    *job = p->job;
+	Deferred   *d = job->deferred;
+
+	if (d == NULL)
+		d = job->deferred = MemoryContextAllocZero(held_context(), sizeof(Deferred));
+	else if (d->update.last_error)
+		pfree((char *) d->update.last_error);
+	d->update = *u;
+	if (u->last_error)
+		d->update.last_error = MemoryContextStrdup(held_context(), u->last_error);
+	d->after = p->after;
+	d->not_before = p->not_before;
+	d->notify_status = p->notify_status;
+	if (ndeferred == max_deferred)
+	{
+		max_deferred = Max(16, max_deferred * 2);
+		deferred_jobs = deferred_jobs ?
+			repalloc(deferred_jobs, max_deferred * sizeof(HeldJob *)) :
+			MemoryContextAlloc(TopMemoryContext, max_deferred * sizeof(HeldJob *));
+	}
+	deferred_jobs[ndeferred++] = job;
+}
+
+bool
+batch_has_deferred(void)
+{
+	return ndeferred > 0;
+}
+
+/* Queue again the updates that found their rows locked last time. */
+static void
+retry_deferred(void)
+{
+	HeldJob   **jobs;
+	int			n = ndeferred;
+
+	if (n == 0)
+		return;
+	jobs = palloc(n * sizeof(HeldJob *));
+	memcpy(jobs, deferred_jobs, n * sizeof(HeldJob *));
+	ndeferred = 0;
+	for (int i = 0; i < n; i++)
+	{
+		HeldJob    *job = jobs[i];
+		Deferred   *d = job->deferred;
+		Pending    *p;
+
+		if (held_find(job->id) != job || d == NULL)
+			continue;			/* dropped meanwhile (a cancel) */
+		p = add_pending(job, d->after, d->not_before);
+		p->notify_status = d->notify_status;
+		p->update = nupdates;
+		updates[nupdates++] = d->update;
+		if (d->update.last_error)
+			updates[p->update].last_error = pstrdup(d->update.last_error);
+		job->deferred = NULL;
+		if (d->update.last_error)
+			pfree((char *) d->update.last_error);
+		pfree(d);
+	}
+}
+
 /* Write, commit, then act: send what is due, forget what is gone. */
 static void
 commit_and_act(void)
@@ -141,16 +224,24 @@ commit_and_act(void)
 	bool	   *applied = palloc(Max(nupdates, 1) * sizeof(bool));
 	TimestampTz now;
 
+	bool	   *ours = palloc(Max(nupdates, 1) * sizeof(bool));
 	int64	   *lost = palloc(Max(nupdates, 1) * sizeof(int64));
 	int			nlost = 0;
 
-	(void) store_update_jobs(updates, nupdates, applied);
+	if (store_update_jobs(updates, nupdates, applied) < nupdates)
+		store_still_ours(updates, applied, nupdates, ours);
 	for (int i = 0; i < npendings; i++)
 	{
 		Pending    *p = &pendings[i];
 
 		if (p->update < 0)
 			continue;
+		if (!applied[p->update] && ours[p->update])
+		{
+			defer(p, &updates[p->update]);
+			p->after = AFTER_KEEP;
+			continue;
+		}
 		if (!applied[p->update])
 		{
 			/* cancelled, or moved on without us: forget our copy */
@@ -177,7 +268,7 @@ commit_and_act(void)
 
 		if (p->after == AFTER_DROP)
 			held_drop(p->job);
-		else
+		else if (p->after == AFTER_SEND)
 			held_schedule(p->job, p->not_before);
 	}
 	held_send_due(now);
@@ -574,6 +665,7 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 
 	if (nreleases > 0)
 		store_release(releases, nreleases);
+	retry_deferred();
 	if (rescan)
 		rescan_held();
 

@@ -148,6 +148,7 @@ held_add(ClaimedJob *c)
 	job->limit_tracked = false;
 	job->transport_failed = false;
 	job->queue = NULL;
+	job->deferred = NULL;
 	job->not_before = 0;
 	job->phase = HELD_IDLE;
 	return job;
@@ -171,6 +172,8 @@ held_drop(HeldJob *job)
 	if (job->request_json)
 		pfree(job->request_json);
 	request_free(job->request);
+	if (job->deferred)
+		pfree(job->deferred);	/* its pointer in batch.c's list is checked against the table */
 	hash_search(held, &job->id, HASH_REMOVE, NULL);
 }
 

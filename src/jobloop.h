@@ -229,6 +229,7 @@ extern int	store_reap_expired(int64 *held_ids, int nheld);
 extern void store_release(int64 *ids, int n);
 extern int	store_held_ids(int64 *ids, int max);
 extern int	store_delete_expired(int limit);
+extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
 extern bool store_extension_ready(void);
 
 /* ---- api.c: the SQL API that writes, and what admin.c shares of it ---- */
@@ -281,6 +282,7 @@ typedef struct HeldJob
 	Transfer   *transfer;
 	bool		limit_tracked;	/* its call counts in its endpoint's in_flight */
 	struct EndpointQueue *queue;	/* in HELD_BLOCKED */
+	struct Deferred *deferred;	/* its row was locked: the update to retry */
 	dlist_node	queue_node;
 	HttpResult	result;			/* valid in HELD_RESPONDED */
 } HeldJob;
@@ -331,6 +333,7 @@ extern void stats_record_load(int worker, int held, int in_flight);
 /* ---- batch.c: the transaction that advances jobs ---- */
 extern void batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 					  HeldJob **parked, int nparked, bool claim, bool heartbeat, bool rescan);
+extern bool batch_has_deferred(void);
 extern bool batch_claim_wanted;
 extern int	my_worker_number;
 extern TimestampTz batch_next_claim_at;

@@ -4,8 +4,9 @@
  *		Per-endpoint limits shared by all workers: rate (token bucket),
  *		ramp, concurrency, and the API's own feedback (429/503, Retry-After).
  *
- * An endpoint is a request's rate_key, or its URL's host:port.  Configured
- * limits live in jobloop.endpoint_limit; workers copy them into a shared
+ * An endpoint is a request's rate_key, or its URL's host:port, within one
+ * database (each database configures its own).  Configured limits live in
+ * jobloop.endpoint_limit; workers copy them into a shared
  * hash table (limits_sync) when set_limit/drop_limit invalidate that table,
  * so a change takes effect at the workers' next transaction.  Entries with
  * no configuration exist only while an endpoint is paused by Retry-After.
@@ -48,9 +49,16 @@
 
 PG_FUNCTION_INFO_V1(jobloop_limit_state);
 
+/* Limits are configured per database: the same endpoint may have one in each. */
+typedef struct EndpointKey
+{
+	Oid			database;
+	char		endpoint[ENDPOINT_LEN];
+} EndpointKey;
+
 typedef struct EndpointLimit
 {
-	char		endpoint[ENDPOINT_LEN]; /* hash key */
+	EndpointKey key;			/* hash key */
 	bool		configured;
 	double		max_rate;		/* requests/s; 0: unlimited */
 	int			max_concurrency;	/* 0: unlimited */
@@ -93,11 +101,27 @@ limits_shmem_startup(void)
 	HASHCTL		info;
 
 	memset(&info, 0, sizeof(info));
-	info.keysize = ENDPOINT_LEN;
+	info.keysize = sizeof(EndpointKey);
 	info.entrysize = sizeof(EndpointLimit);
 	endpoints = ShmemInitHash("jobloop endpoints", jobloop_max_endpoints, jobloop_max_endpoints,
-							  &info, HASH_ELEM | HASH_STRINGS);
+							  &info, HASH_ELEM | HASH_BLOBS);
 	endpoints_lock = &(GetNamedLWLockTranche("jobloop"))->lock;
+}
+
+static void
+make_key(EndpointKey *key, const char *endpoint)
+{
+	memset(key, 0, sizeof(*key));
+	key->database = MyDatabaseId;
+	strlcpy(key->endpoint, endpoint, ENDPOINT_LEN);
+}
+
+/* Zero everything after the key of a new entry. */
+static void
+init_entry(EndpointLimit *e, TimestampTz now)
+{
+	memset((char *) e + sizeof(EndpointKey), 0, sizeof(EndpointLimit) - sizeof(EndpointKey));
+	e->refilled_at = now;
 }
 
 static double
@@ -179,13 +203,15 @@ void
 limits_acquire(const char *endpoint, int worker, TimestampTz now, LimitVerdict *v)
 {
 	EndpointLimit *e;
+	EndpointKey key;
 
 	memset(v, 0, sizeof(*v));
 	v->granted = true;
 	if (endpoints == NULL)
 		return;
+	make_key(&key, endpoint);
 	LWLockAcquire(endpoints_lock, LW_EXCLUSIVE);
-	e = hash_search(endpoints, endpoint, HASH_FIND, NULL);
+	e = hash_search(endpoints, &key, HASH_FIND, NULL);
 	if (e == NULL)
 	{
 		LWLockRelease(endpoints_lock);
@@ -230,20 +256,18 @@ void
 limits_release(const char *endpoint, bool tracked, long status, int64 retry_after_ms, TimestampTz now)
 {
 	EndpointLimit *e;
+	EndpointKey key;
 	uint64		wake = 0;
 	bool		found = true;
 	bool		pause = retry_after_ms > 0 && (status == 429 || status == 503);
 
 	if (endpoints == NULL || (!tracked && !pause))
 		return;
+	make_key(&key, endpoint);
 	LWLockAcquire(endpoints_lock, LW_EXCLUSIVE);
-	e = hash_search(endpoints, endpoint, pause ? HASH_ENTER_NULL : HASH_FIND, &found);
+	e = hash_search(endpoints, &key, pause ? HASH_ENTER_NULL : HASH_FIND, &found);
 	if (e && !found)
-	{
-		/* a new, unconfigured entry that exists only to hold the pause */
-		memset((char *) e + ENDPOINT_LEN, 0, sizeof(EndpointLimit) - ENDPOINT_LEN);
-		e->refilled_at = now;
-	}
+		init_entry(e, now);		/* unconfigured: it exists only to hold the pause */
 	if (e)
 	{
 		if (tracked && e->in_flight > 0)
@@ -291,6 +315,7 @@ limits_sync(void)
 	static SPIPlanPtr plan = NULL;
 	HASH_SEQ_STATUS seq;
 	EndpointLimit *e;
+	EndpointKey key;
 	TimestampTz now = GetCurrentTimestamp();
 
 	if (!limits_stale || endpoints == NULL)
@@ -302,10 +327,12 @@ limits_sync(void)
 				   0, NULL, NULL, NULL, SPI_OK_SELECT);
 
 	LWLockAcquire(endpoints_lock, LW_EXCLUSIVE);
-	/* every entry loses its limits unless the table still has them */
+	/* every entry of this database loses its limits unless the table still has them */
 	hash_seq_init(&seq, endpoints);
 	while ((e = hash_seq_search(&seq)) != NULL)
 	{
+		if (e->key.database != MyDatabaseId)
+			continue;
 		e->configured = false;
 		e->max_rate = 0;
 		e->max_concurrency = 0;
@@ -322,7 +349,8 @@ limits_sync(void)
 
 		if (strlen(name) >= ENDPOINT_LEN)
 			continue;			/* the table's CHECK forbids it */
-		e = hash_search(endpoints, name, HASH_ENTER_NULL, &found);
+		make_key(&key, name);
+		e = hash_search(endpoints, &key, HASH_ENTER_NULL, &found);
 		if (e == NULL)
 		{
 			elog(WARNING, "jobloop.max_endpoints (%d) is too small to hold every endpoint limit",
@@ -330,10 +358,7 @@ limits_sync(void)
 			break;
 		}
 		if (!found)
-		{
-			memset((char *) e + ENDPOINT_LEN, 0, sizeof(EndpointLimit) - ENDPOINT_LEN);
-			e->refilled_at = now;
-		}
+			init_entry(e, now);
 		newly = !found || e->allowed_rate <= 0;
 		e->configured = true;
 		e->max_rate = DatumGetFloat8(SPI_getbinval(row, desc, 2, &isnull));
@@ -350,15 +375,16 @@ limits_sync(void)
 	/* forget what is neither configured nor paused nor busy */
 	hash_seq_init(&seq, endpoints);
 	while ((e = hash_seq_search(&seq)) != NULL)
-		if (!e->configured && e->paused_until <= now && e->in_flight == 0)
-			hash_search(endpoints, e->endpoint, HASH_REMOVE, NULL);
+		if (e->key.database == MyDatabaseId && !e->configured && e->paused_until <= now &&
+			e->in_flight == 0)
+			hash_search(endpoints, &e->key, HASH_REMOVE, NULL);
 	LWLockRelease(endpoints_lock);
 	limits_stale = false;
 }
 
 /*
- * jobloop.limit_state(): the live state of every endpoint the workers track,
- * for the jobloop.limits view.
+ * jobloop.limit_state(): the live state of every endpoint the workers track
+ * for this database, for the jobloop.limits view.
  */
 Datum
 jobloop_limit_state(PG_FUNCTION_ARGS)
@@ -378,8 +404,10 @@ jobloop_limit_state(PG_FUNCTION_ARGS)
 		Datum		values[5];
 		bool		nulls[5] = {false, false, false, false, false};
 
+		if (e->key.database != MyDatabaseId)
+			continue;
 		refill(e, now);
-		values[0] = CStringGetTextDatum(e->endpoint);
+		values[0] = CStringGetTextDatum(e->key.endpoint);
 		values[1] = Float8GetDatum(e->allowed_rate);
 		nulls[1] = e->max_rate <= 0;
 		values[2] = Int32GetDatum(e->in_flight);

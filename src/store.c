@@ -491,3 +491,55 @@ store_delete_expired(int limit)
 				   2, types, values, NULL, SPI_OK_DELETE);
 	return (int) SPI_processed;
 }
+
+/*
+ * For the updates that did not apply: is the row still ours, at the step
+ * our copy started from?  Then it was only locked by someone else (another
+ * worker's claim, a cancel in progress) and the update is to be retried.
+ * A plain read: it waits for nobody.
+ */
+void
+store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {INT8ARRAYOID, INT4ARRAYOID, INT4OID};
+	Datum		values[3];
+	Datum	   *ids = palloc(Max(n, 1) * sizeof(Datum));
+	Datum	   *steps = palloc(Max(n, 1) * sizeof(Datum));
+	int64	   *found;
+	int			m = 0;
+	int			nfound;
+
+	for (int i = 0; i < n; i++)
+	{
+		ours[i] = false;
+		if (!applied[i])
+		{
+			ids[m] = Int64GetDatum(updates[i].id);
+			steps[m] = Int32GetDatum(updates[i].from_step);
+			m++;
+		}
+	}
+	if (m == 0)
+		return;
+	values[0] = array_of(ids, NULL, m, INT8OID);
+	values[1] = array_of(steps, NULL, m, INT4OID);
+	values[2] = Int32GetDatum(my_worker);
+	store_run_plan(&plan,
+				   "SELECT j.id FROM jobloop.job j"
+				   "  JOIN unnest($1, $2) AS u(id, from_step) ON j.id = u.id"
+				   " WHERE j.worker = $3 AND j.status = 'running' AND j.step = u.from_step",
+				   3, types, values, NULL, SPI_OK_SELECT);
+	nfound = (int) SPI_processed;
+	found = palloc(Max(nfound, 1) * sizeof(int64));
+	for (int i = 0; i < nfound; i++)
+	{
+		bool		isnull;
+
+		found[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	qsort(found, nfound, sizeof(int64), compare_int64);
+	for (int i = 0; i < n; i++)
+		ours[i] = !applied[i] &&
+			bsearch(&updates[i].id, found, nfound, sizeof(int64), compare_int64) != NULL;
+}

@@ -115,6 +115,9 @@ wait_timeout(TimestampTz now, TimestampTz next_heartbeat)
 		next = t;
 	if (held_count() < jobloop_max_in_flight && batch_next_claim_at < next)
 		next = batch_next_claim_at;
+	/* an update deferred by a row lock: try again soon, without spinning */
+	if (batch_has_deferred() && now + 10 * 1000 < next)
+		next = now + 10 * 1000;
 	if (next <= now)
 		return 0;
 	return (long) Min((next - now + 999) / 1000, 60000);
@@ -239,7 +242,8 @@ jobloop_worker_main(Datum main_arg)
 		heartbeat = now >= next_heartbeat;
 		claim = held_count() < jobloop_max_in_flight &&
 			(batch_claim_wanted || now >= batch_next_claim_at);
-		if (nresponded > 0 || ncancels > 0 || nparked > 0 || rescan || heartbeat || claim)
+		if (nresponded > 0 || ncancels > 0 || nparked > 0 || rescan || heartbeat || claim ||
+			batch_has_deferred())
 		{
 			batch_run(responded, nresponded, cancels, ncancels, parked, nparked,
 					  claim, heartbeat, rescan);
