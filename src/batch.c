@@ -626,12 +626,10 @@ rescan_held(void)
 {
 	int			n = held_count();
 	HeldJob   **jobs = palloc(Max(n, 1) * sizeof(HeldJob *));
-	int64	   *ids = palloc(Max(n, 1) * sizeof(int64));
 	int			nids;
+	int64	   *ids = store_held_ids(&nids);
 
 	n = held_all(jobs, n);
-	nids = store_held_ids(ids, n);
-	qsort(ids, nids, sizeof(int64), compare_id);
 	/*
 	 * Jobs of this batch (responded, or going back to the table) stay: their
 	 * update is fenced and drops them if they are gone.
@@ -703,8 +701,12 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 
 	if (heartbeat)
 	{
+		HeldJob   **jobs = palloc(Max(held_count(), 1) * sizeof(HeldJob *));
 		int64	   *ids = palloc(Max(held_count(), 1) * sizeof(int64));
-		int			nids = held_ids(ids, held_count());
+		int			nids = held_all(jobs, held_count());
+
+		for (int i = 0; i < nids; i++)
+			ids[i] = jobs[i]->id;
 
 		if (store_reap_expired(ids, nids) > 0)
 			want_claim = batch_claim_wanted = true;

@@ -479,18 +479,3 @@ held_all(HeldJob **out, int max)
 	return n;
 }
 
-int
-held_ids(int64 *out, int max)
-{
-	HASH_SEQ_STATUS seq;
-	HeldJob    *job;
-	int			n = 0;
-
-	hash_seq_init(&seq, held);
-	while ((job = hash_seq_search(&seq)) != NULL)
-	{
-		if (n < max)
-			out[n++] = job->id;
-	}
-	return n;
-}

@@ -182,6 +182,18 @@ shared_attach_worker(int worker, const char *database_name)
 	on_shmem_exit(detach_worker, Int32GetDatum(worker));
 }
 
+static void
+wake_slot(WorkerSlot *slot, bool only_our_database)
+{
+	Latch	   *latch;
+
+	SpinLockAcquire(&slot->mutex);
+	latch = (!only_our_database || slot->database == MyDatabaseId) ? slot->latch : NULL;
+	SpinLockRelease(&slot->mutex);
+	if (latch)
+		SetLatch(latch);
+}
+
 /* Wake the workers serving this backend's database. */
 void
 shared_wake_workers(void)
@@ -189,32 +201,14 @@ shared_wake_workers(void)
 	if (!shared)
 		return;
 	for (int i = 0; i < shared->nworkers; i++)
-	{
-		WorkerSlot *slot = &shared->workers[i];
-		Latch	   *latch;
-
-		SpinLockAcquire(&slot->mutex);
-		latch = slot->database == MyDatabaseId ? slot->latch : NULL;
-		SpinLockRelease(&slot->mutex);
-		if (latch)
-			SetLatch(latch);
-	}
+		wake_slot(&shared->workers[i], true);
 }
 
 void
 shared_wake_worker(int worker)
 {
-	WorkerSlot *slot;
-	Latch	   *latch;
-
-	if (!shared || worker < 1 || worker > shared->nworkers)
-		return;
-	slot = slot_for(worker);
-	SpinLockAcquire(&slot->mutex);
-	latch = slot->latch;
-	SpinLockRelease(&slot->mutex);
-	if (latch)
-		SetLatch(latch);
+	if (shared && worker >= 1 && worker <= shared->nworkers)
+		wake_slot(slot_for(worker), false);
 }
 
 /* Tell the worker that held job_id to drop it (and abort its call). */

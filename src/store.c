@@ -262,6 +262,36 @@ array_of(Datum *elems, bool *nulls, int n, Oid type)
 	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, typbyval, typalign));
 }
 
+static int	compare_int64(const void *a, const void *b);
+
+/* A bigint[] datum of ids. */
+static Datum
+id_array(int64 *ids, int n)
+{
+	Datum	   *elems = palloc(Max(n, 1) * sizeof(Datum));
+
+	for (int i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	return array_of(elems, NULL, n, INT8OID);
+}
+
+/* The first column of the last statement's rows, as sorted bigints. */
+static int64 *
+sorted_ids(int *n)
+{
+	int64	   *ids = palloc(Max(SPI_processed, 1) * sizeof(int64));
+
+	*n = (int) SPI_processed;
+	for (int i = 0; i < *n; i++)
+	{
+		bool		isnull;
+
+		ids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	qsort(ids, *n, sizeof(int64), compare_int64);
+	return ids;
+}
+
 static int
 compare_int64(const void *a, const void *b)
 {
@@ -356,15 +386,7 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 			 " RETURNING j.id",
 			 11, types, values, NULL, SPI_OK_UPDATE_RETURNING, CURSOR_OPT_CUSTOM_PLAN);
 
-	nreturned = (int) SPI_processed;
-	returned = palloc(Max(nreturned, 1) * sizeof(int64));
-	for (int i = 0; i < nreturned; i++)
-	{
-		bool		isnull;
-
-		returned[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-	}
-	qsort(returned, nreturned, sizeof(int64), compare_int64);
+	returned = sorted_ids(&nreturned);
 	for (int i = 0; i < n; i++)
 		applied[i] = bsearch(&updates[i].id, returned, nreturned, sizeof(int64), compare_int64) != NULL;
 	return nreturned;
@@ -381,11 +403,8 @@ store_extend_leases(int64 *ids, int n)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[3] = {INT8ARRAYOID, INT4OID, INT4OID};
 	Datum		values[3];
-	Datum	   *elems = palloc(Max(n, 1) * sizeof(Datum));
 
-	for (int i = 0; i < n; i++)
-		elems[i] = Int64GetDatum(ids[i]);
-	values[0] = array_of(elems, NULL, n, INT8OID);
+	values[0] = id_array(ids, n);
 	values[1] = Int32GetDatum(my_worker);
 	values[2] = Int32GetDatum(jobloop_lease_timeout);
 	store_run_plan(&plan,
@@ -408,12 +427,9 @@ store_reap_expired(int64 *held_ids, int nheld)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[2] = {INT4OID, INT8ARRAYOID};
 	Datum		values[2];
-	Datum	   *elems = palloc(Max(nheld, 1) * sizeof(Datum));
 
-	for (int i = 0; i < nheld; i++)
-		elems[i] = Int64GetDatum(held_ids[i]);
 	values[0] = Int32GetDatum(my_worker);
-	values[1] = array_of(elems, NULL, nheld, INT8OID);
+	values[1] = id_array(held_ids, nheld);
 
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
@@ -438,11 +454,8 @@ store_release(int64 *ids, int n)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[2] = {INT8ARRAYOID, INT4OID};
 	Datum		values[2];
-	Datum	   *elems = palloc(Max(n, 1) * sizeof(Datum));
 
-	for (int i = 0; i < n; i++)
-		elems[i] = Int64GetDatum(ids[i]);
-	values[0] = array_of(elems, NULL, n, INT8OID);
+	values[0] = id_array(ids, n);
 	values[1] = Int32GetDatum(my_worker);
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
@@ -451,25 +464,17 @@ store_release(int64 *ids, int n)
 				   2, types, values, NULL, SPI_OK_UPDATE);
 }
 
-/* The ids of every job the table says we hold (after a lost cancel). */
-int
-store_held_ids(int64 *ids, int max)
+/* The ids of every job the table says we hold (after a lost cancel), sorted. */
+int64 *
+store_held_ids(int *n)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[1] = {INT4OID};
 	Datum		values[1] = {Int32GetDatum(my_worker)};
-	int			n;
 
 	store_run_plan(&plan, "SELECT id FROM jobloop.job WHERE worker = $1",
 				   1, types, values, NULL, SPI_OK_SELECT);
-	n = (int) Min(SPI_processed, (uint64) max);
-	for (int i = 0; i < n; i++)
-	{
-		bool		isnull;
-
-		ids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-	}
-	return n;
+	return sorted_ids(n);
 }
 
 /*
@@ -530,15 +535,7 @@ store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours)
 				   "  JOIN unnest($1, $2) AS u(id, from_step) ON j.id = u.id"
 				   " WHERE j.worker = $3 AND j.status = 'running' AND j.step = u.from_step",
 				   3, types, values, NULL, SPI_OK_SELECT);
-	nfound = (int) SPI_processed;
-	found = palloc(Max(nfound, 1) * sizeof(int64));
-	for (int i = 0; i < nfound; i++)
-	{
-		bool		isnull;
-
-		found[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-	}
-	qsort(found, nfound, sizeof(int64), compare_int64);
+	found = sorted_ids(&nfound);
 	for (int i = 0; i < n; i++)
 		ours[i] = !applied[i] &&
 			bsearch(&updates[i].id, found, nfound, sizeof(int64), compare_int64) != NULL;
