@@ -29,6 +29,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/proc.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timeout.h"
@@ -256,6 +257,15 @@ commit_and_act(void)
 	/* a row still marked ours that we no longer track must not stay held forever */
 	if (nlost > 0)
 		store_release(lost, nlost);
+
+	/*
+	 * Step results must be durable before the next requests leave.  A batch
+	 * without any (claims, lease renewals) need not wait for the WAL flush:
+	 * if a crash loses it, its jobs are simply claimed again.
+	 */
+	if (nupdates == 0)
+		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 
 	PopActiveSnapshot();
 	SPI_finish();
