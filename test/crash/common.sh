@@ -2,11 +2,8 @@
 #
 # test/crash/common.sh -- helpers shared by test/crash/crash.sh and test/fault/fault.sh.
 #
-# Source it after scripts/lib.sh.  It gives:
+# Source it after scripts/lib.sh and test/tap.sh (the TAP helpers).  It gives:
 #
-#   TAP       tap_plan N, tap_ok DESC, tap_not_ok DESC [DIAG...], tap_check DESC CMD...,
-#             tap_is GOT EXPECTED DESC, tap_diag MSG..., tap_done (exit status: 1 if any
-#             test failed or the count differs from the plan)
 #   SQL       cr_sql SQL            psql -At; returns psql's status (quietly fails while
 #                                   the server restarts)
 #             cr_sql_must SQL       the same, but a failure aborts the suite (bail out)
@@ -29,74 +26,6 @@ CR_WORKERS=${CR_WORKERS:-2}
 CR_EVENTS=()
 
 # ---------------------------------------------------------------------------------------
-# TAP
-
-_tap_n=0
-_tap_failed=0
-_tap_planned=0
-
-tap_plan() {
-    _tap_planned=$1
-    echo "1..$1"
-}
-
-tap_diag() {
-    local line
-    while IFS= read -r line; do
-        printf '# %s\n' "$line"
-    done <<<"$*"
-}
-
-tap_ok() {
-    _tap_n=$((_tap_n + 1))
-    echo "ok $_tap_n - $1"
-}
-
-tap_not_ok() {
-    local desc=$1
-    shift
-    _tap_n=$((_tap_n + 1))
-    _tap_failed=$((_tap_failed + 1))
-    echo "not ok $_tap_n - $desc"
-    (( $# > 0 )) && tap_diag "$@"
-    return 0
-}
-
-# tap_check DESC CMD [ARG...]: ok when CMD succeeds; CMD's output becomes diagnostics.
-tap_check() {
-    local desc=$1 out
-    shift
-    if out=$("$@" 2>&1); then
-        tap_ok "$desc"
-        [[ -n "$out" ]] && tap_diag "$out"
-    else
-        tap_not_ok "$desc" "${out:-command failed: $*}"
-    fi
-    return 0
-}
-
-tap_is() {
-    local got=$1 expected=$2 desc=$3
-    if [[ "$got" == "$expected" ]]; then
-        tap_ok "$desc"
-    else
-        tap_not_ok "$desc" "     got: '$got'" "expected: '$expected'"
-    fi
-}
-
-tap_done() {
-    if (( _tap_n != _tap_planned )); then
-        tap_diag "planned $_tap_planned tests but ran $_tap_n"
-        exit 1
-    fi
-    if (( _tap_failed > 0 )); then
-        tap_diag "failed $_tap_failed of $_tap_n tests"
-        exit 1
-    fi
-    exit 0
-}
-
-# ---------------------------------------------------------------------------------------
 # SQL
 
 cr_sql() {
@@ -106,9 +35,8 @@ cr_sql() {
 cr_sql_must() {
     local out
     if ! out=$(jl_psql -At -c "$1" 2>&1); then
-        echo "Bail out! SQL failed: $1"
         tap_diag "$out"
-        exit 1
+        tap_bail "SQL failed: $1"
     fi
     printf '%s\n' "$out"
 }

@@ -21,6 +21,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../../scripts/lib.sh
 . "$HERE/../../scripts/lib.sh"
+# shellcheck source=../tap.sh
+. "$HERE/../tap.sh"
 # shellcheck source=common.sh
 . "$HERE/common.sh"
 
@@ -67,11 +69,10 @@ SHOW jobloop.lease_timeout;
 SQL
 ) && setup_ok=1 || setup_ok=0
 if [[ $setup_ok == 1 && "$setup_out" == *"$JOBS"*"10min"* ]]; then
-    tap_ok "setup: kind created, $JOBS jobs over $TENANTS tenants submitted, lease_timeout 10min"
+    tap_ok 0 "setup: kind created, $JOBS jobs over $TENANTS tenants submitted, lease_timeout 10min"
 else
-    tap_not_ok "setup: kind created, $JOBS jobs over $TENANTS tenants submitted, lease_timeout 10min" "$setup_out"
-    echo "Bail out! setup failed"
-    exit 1
+    tap_ok 1 "setup: kind created, $JOBS jobs over $TENANTS tenants submitted, lease_timeout 10min" "$setup_out"
+    tap_bail "setup failed"
 fi
 total=$((JOBS * K))
 tap_diag "$JOBS jobs x $K steps = $total steps; workers $CR_WORKERS, max_in_flight $IN_FLIGHT, delay ${DELAY}s"
@@ -88,7 +89,7 @@ for i in "${!events[@]}"; do
     desc="${ev/:/ -9 }"
     [[ $ev == restart ]] && desc="pg_ctl stop -m immediate + start"
     if ! cr_wait_progress "${thresholds[i]}" "$after" 60; then
-        tap_not_ok "$desc after progress" "no progress past $after (threshold ${thresholds[i]}) within 60 s"
+        tap_ok 1 "$desc after progress" "no progress past $after (threshold ${thresholds[i]}) within 60 s"
         continue
     fi
     before=$(cr_progress || true)
@@ -96,15 +97,15 @@ for i in "${!events[@]}"; do
     [[ -n "$unfinished" && "$unfinished" -gt 0 ]] && mid_run=$((mid_run + 1))
     if [[ $ev == restart ]]; then
         if cr_restart_immediate; then
-            tap_ok "$desc at $before/$total steps ($unfinished jobs unfinished); workers back"
+            tap_ok 0 "$desc at $before/$total steps ($unfinished jobs unfinished); workers back"
         else
-            tap_not_ok "$desc at $before/$total steps" "server or workers did not come back"
+            tap_ok 1 "$desc at $before/$total steps" "server or workers did not come back"
         fi
     else
         if cr_kill_worker "${ev#kill:}"; then
-            tap_ok "$desc (pid $CR_KILLED_PID) at $before/$total steps ($unfinished jobs unfinished); all workers restarted"
+            tap_ok 0 "$desc (pid $CR_KILLED_PID) at $before/$total steps ($unfinished jobs unfinished); all workers restarted"
         else
-            tap_not_ok "$desc at $before/$total steps" "workers did not come back within 60 s: $(cr_worker_pids | tr '\n' ' ')"
+            tap_ok 1 "$desc at $before/$total steps" "workers did not come back within 60 s: $(cr_worker_pids | tr '\n' ' ')"
         fi
     fi
     after=$(cr_progress || echo 0)
@@ -115,9 +116,9 @@ tap_is "$mid_run" "${#events[@]}" "every disruption struck while jobs were unfin
 # ---- everything finishes, without waiting for a lease to expire ----------------------
 t_wait=$SECONDS
 if cr_wait_all_finished "$DEADLINE"; then
-    tap_ok "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)"
+    tap_ok 0 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)"
 else
-    tap_not_ok "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)" \
+    tap_ok 1 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)" \
         "$(cr_sql "SELECT status, worker, count(*) FROM jobloop.job GROUP BY 1, 2 ORDER BY 1, 2")"
 fi
 tap_diag "finished $((SECONDS - t_wait)) s after the last disruption"
@@ -182,8 +183,8 @@ if cr_load_access_log crashtest.access; then
                             WHERE b BETWEEN a.prev - 0.005 AND a.started + 0.005)")
     tap_is "$bad" "" "a (job, step) was sent twice only across a disruption (at-least-once, no spurious resend)"
 else
-    tap_not_ok "the API saw every (job, step)" "could not load $JL_MOCK_LOG"
-    tap_not_ok "a (job, step) was sent twice only across a disruption" "could not load $JL_MOCK_LOG"
+    tap_ok 1 "the API saw every (job, step)" "could not load $JL_MOCK_LOG"
+    tap_ok 1 "a (job, step) was sent twice only across a disruption" "could not load $JL_MOCK_LOG"
 fi
 released=$(grep -c 'released [0-9]* jobs held before it started' "$JL_PGLOG" || true)
 tap_diag "server log: $released worker starts released their predecessor's jobs;" \
@@ -192,15 +193,17 @@ tap_diag "server log: $released worker starts released their predecessor's jobs;
 tap_is "$(cr_unexpected_crashes)" "" "no crash but ours in the server log (no other signal, no PANIC)"
 
 # ---- the workers are alive and still work -----------------------------------------
-tap_check "$CR_WORKERS workers are running" cr_workers_up "$CR_WORKERS"
+rc=0
+cr_workers_up "$CR_WORKERS" || rc=$?
+tap_ok $rc "$CR_WORKERS workers are running" "workers running: $(cr_worker_pids | tr '\n' ' ')"
 new_id=$(cr_sql "SELECT jobloop.submit('crash', '{\"n\": 0, \"seen\": []}', 'after')" || true)
 if [[ -n "$new_id" ]]; then
     tap_is "$(cr_sql "SELECT jobloop.wait($new_id, '60s')")" completed "a job submitted afterwards completes"
     tap_is "$(cr_sql "SELECT step || ' ' || (state->'seen')::text FROM jobloop.job WHERE id = $new_id")" \
         "$K $expected_seen" "... with exactly $K steps"
 else
-    tap_not_ok "a job submitted afterwards completes" "submit failed"
-    tap_not_ok "... with exactly $K steps" "submit failed"
+    tap_ok 1 "a job submitted afterwards completes" "submit failed"
+    tap_ok 1 "... with exactly $K steps" "submit failed"
 fi
 
 tap_diag "crash suite took $((SECONDS - t_start)) s"

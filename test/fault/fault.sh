@@ -30,6 +30,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../../scripts/lib.sh
 . "$HERE/../../scripts/lib.sh"
+# shellcheck source=../tap.sh
+. "$HERE/../tap.sh"
 # shellcheck source=../crash/common.sh
 . "$HERE/../crash/common.sh"
 
@@ -110,12 +112,11 @@ SELECT count(*) FILTER (WHERE doomed_at IS NOT NULL) || ' doomed, '
 SQL
 ) && setup_ok=1 || setup_ok=0
 if [[ $setup_ok == 1 && "$setup_out" == *"$JOBS"* ]]; then
-    tap_ok "setup: kind created, $JOBS jobs over $TENANTS tenants submitted"
+    tap_ok 0 "setup: kind created, $JOBS jobs over $TENANTS tenants submitted"
     tap_diag "of which ${setup_out##*$'\n'} (no /flaky step either)"
 else
-    tap_not_ok "setup: kind created, $JOBS jobs over $TENANTS tenants submitted" "$setup_out"
-    echo "Bail out! setup failed"
-    exit 1
+    tap_ok 1 "setup: kind created, $JOBS jobs over $TENANTS tenants submitted" "$setup_out"
+    tap_bail "setup failed"
 fi
 total=$((JOBS * K))
 
@@ -129,7 +130,7 @@ for i in "${!events[@]}"; do
     desc="${ev/:/ -9 }"
     [[ $ev == restart ]] && desc="pg_ctl stop -m immediate + start"
     if ! cr_wait_progress "${thresholds[i]}" "$after" 60; then
-        tap_not_ok "$desc after progress" "no progress past $after (threshold ${thresholds[i]}) within 60 s"
+        tap_ok 1 "$desc after progress" "no progress past $after (threshold ${thresholds[i]}) within 60 s"
         continue
     fi
     before=$(cr_progress || true)
@@ -137,15 +138,15 @@ for i in "${!events[@]}"; do
     [[ -n "$unfinished" && "$unfinished" -gt 0 ]] && mid_run=$((mid_run + 1))
     if [[ $ev == restart ]]; then
         if cr_restart_immediate; then
-            tap_ok "$desc at $before/$total steps ($unfinished jobs unfinished); workers back"
+            tap_ok 0 "$desc at $before/$total steps ($unfinished jobs unfinished); workers back"
         else
-            tap_not_ok "$desc at $before/$total steps" "server or workers did not come back"
+            tap_ok 1 "$desc at $before/$total steps" "server or workers did not come back"
         fi
     else
         if cr_kill_worker "${ev#kill:}"; then
-            tap_ok "$desc (pid $CR_KILLED_PID) at $before/$total steps ($unfinished jobs unfinished); all workers restarted"
+            tap_ok 0 "$desc (pid $CR_KILLED_PID) at $before/$total steps ($unfinished jobs unfinished); all workers restarted"
         else
-            tap_not_ok "$desc at $before/$total steps" "workers did not come back within 60 s: $(cr_worker_pids | tr '\n' ' ')"
+            tap_ok 1 "$desc at $before/$total steps" "workers did not come back within 60 s: $(cr_worker_pids | tr '\n' ' ')"
         fi
     fi
     after=$(cr_progress || echo 0)
@@ -156,9 +157,9 @@ tap_is "$mid_run" "${#events[@]}" "every disruption struck while jobs were unfin
 # ---- every job accounted for ------------------------------------------------------------
 t_wait=$SECONDS
 if cr_wait_all_finished "$DEADLINE"; then
-    tap_ok "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)"
+    tap_ok 0 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)"
 else
-    tap_not_ok "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)" \
+    tap_ok 1 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)" \
         "$(cr_sql "SELECT status, worker, count(*) FROM jobloop.job GROUP BY 1, 2 ORDER BY 1, 2")"
 fi
 tap_diag "finished $((SECONDS - t_wait)) s after the last disruption"
@@ -264,16 +265,20 @@ if cr_load_access_log fault.access; then
              AND NOT EXISTS (SELECT FROM unnest($boundaries) b WHERE b BETWEEN a.prev - 0.005 AND a.started + 0.005)")
     tap_is "$bad" "" "Retry-After: 1 was honoured between tries of a 503 step"
 else
-    tap_not_ok "every request carried its (job, step) key" "could not load $JL_MOCK_LOG"
-    tap_not_ok "no step got more than max_attempts (4) answers in one generation (resets not counted)" "could not load $JL_MOCK_LOG"
-    tap_not_ok "Retry-After: 1 was honoured between tries of a 503 step" "could not load $JL_MOCK_LOG"
+    tap_ok 1 "every request carried its (job, step) key" "could not load $JL_MOCK_LOG"
+    tap_ok 1 "no step got more than max_attempts (4) answers in one generation (resets not counted)" "could not load $JL_MOCK_LOG"
+    tap_ok 1 "Retry-After: 1 was honoured between tries of a 503 step" "could not load $JL_MOCK_LOG"
 fi
 
 tap_is "$(cr_unexpected_crashes)" "" "no crash but ours in the server log (no other signal, no PANIC)"
-tap_check "no request reached 127.0.0.2 (refused by the guard before connecting)" test ! -s "$JL_MOCK_LOG2"
+rc=0
+[[ ! -s "$JL_MOCK_LOG2" ]] || rc=$?
+tap_ok $rc "no request reached 127.0.0.2 (refused by the guard before connecting)" "$(head -n 5 -- "$JL_MOCK_LOG2" 2>/dev/null)"
 
 # ---- the workers are alive and still work ---------------------------------------------------
-tap_check "$CR_WORKERS workers are running" cr_workers_up "$CR_WORKERS"
+rc=0
+cr_workers_up "$CR_WORKERS" || rc=$?
+tap_ok $rc "$CR_WORKERS workers are running" "workers running: $(cr_worker_pids | tr '\n' ' ')"
 # a seed whose steps are all /json or /delay, so the job must complete.
 seed=$(cr_sql "SELECT s FROM generate_series(100000, 200000) s
                 WHERE (SELECT bool_and(fault.path(s, n) IN ('json', 'delay')) FROM generate_series(0, $K - 1) n)
@@ -284,7 +289,7 @@ if [[ -n "$new_id" ]]; then
     tap_is "$st $(cr_sql "SELECT step || ' ' || (state->'seen')::text FROM jobloop.job WHERE id = $new_id")" \
         "completed $K $expected_seen" "a fault-free job submitted afterwards completes with exactly $K steps"
 else
-    tap_not_ok "a fault-free job submitted afterwards completes with exactly $K steps" "submit failed"
+    tap_ok 1 "a fault-free job submitted afterwards completes with exactly $K steps" "submit failed"
 fi
 
 tap_diag "fault suite took $((SECONDS - t_start)) s"

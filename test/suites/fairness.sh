@@ -21,42 +21,13 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/../../scripts/lib.sh"
+# shellcheck source=test/tap.sh
+. "$(dirname "$0")/../tap.sh"
 
 if [[ "${JL_BUILD:-}" == 1 ]]; then
     jl_build >&2
 fi
 
-# ---- TAP --------------------------------------------------------------------------------
-PLAN=13
-_tap_n=0
-_tap_failed=0
-ok() {      # ok STATUS DESCRIPTION [DIAGNOSTICS]
-    local status=$1 desc=$2 diag=${3:-}
-    _tap_n=$((_tap_n + 1))
-    if [[ "$status" == 0 ]]; then
-        echo "ok $_tap_n - $desc"
-    else
-        echo "not ok $_tap_n - $desc"
-        _tap_failed=$((_tap_failed + 1))
-    fi
-    if [[ -n "$diag" && ( "$status" != 0 || "${JL_VERBOSE:-}" == 1 ) ]]; then
-        printf '%s\n' "$diag" | sed 's/^/#   /'
-    fi
-    return 0
-}
-note() { printf '%s\n' "$*" | sed 's/^/# /'; }
-bail() {
-    echo "Bail out! $*"
-    exit 1
-}
-finish() {
-    if (( _tap_n != PLAN )); then
-        echo "# planned $PLAN tests but ran $_tap_n"
-        exit 1
-    fi
-    (( _tap_failed == 0 )) || { echo "# $_tap_failed of $PLAN tests failed"; exit 1; }
-    exit 0
-}
 q() { jl_psql -At -c "$1"; }
 check() {   # check DESC SQL [DIAG_SQL]: ok when SQL returns t
     local desc=$1 sql=$2 diag_sql=${3:-} got diag=
@@ -65,22 +36,22 @@ check() {   # check DESC SQL [DIAG_SQL]: ok when SQL returns t
         diag=$(q "$diag_sql" 2>&1) || true
     fi
     if [[ "$got" == t ]]; then
-        ok 0 "$desc" "$diag"
+        tap_ok 0 "$desc" "$diag"
     else
         [[ "$got" == f ]] || diag="$got"$'\n'"$diag"
-        ok 1 "$desc" "$diag"
+        tap_ok 1 "$desc" "$diag"
     fi
 }
 
 t_start=$SECONDS
 jl_cluster_start "jobloop.workers = 2" "jobloop.max_in_flight = 100" "jobloop.hold_delay = '500ms'" >&2 \
-    || bail "could not start a cluster"
-jl_mock_start >&2 || bail "could not start the mock API"
-echo "1..$PLAN"
+    || tap_bail "could not start a cluster"
+jl_mock_start >&2 || tap_bail "could not start the mock API"
+tap_plan 13
 
 # ---- setup -------------------------------------------------------------------------------
 # One request per job: /delay?s=<s>&tenant=<tenant>&j=<j>, after delay_ms if the state has one.
-jl_psql >/dev/null <<'SQL' || bail "setup failed"
+jl_psql >/dev/null <<'SQL' || tap_bail "setup failed"
 CREATE EXTENSION jobloop;
 CREATE SCHEMA ft;
 CREATE FUNCTION ft.req(s jsonb) RETURNS jsonb LANGUAGE sql AS $$
@@ -152,7 +123,7 @@ wait_done() {
         q "$SAMPLE_SQL" >/dev/null || true
         [[ "$(unfinished "$@")" == 0 ]] && return 0
         if (( $(_jl_now_us) >= deadline )); then
-            note "timed out after ${secs}s waiting for the jobs of $*"
+            tap_diag "timed out after ${secs}s waiting for the jobs of $*"
             return 1
         fi
         sleep 0.1
@@ -198,7 +169,7 @@ check "fairness: all 2000 of A's jobs completed, one call each" \
         AND (SELECT count(*) FROM ft.log WHERE tenant = 'A') = 2000" \
     "SELECT 'A jobs: ' || string_agg(status || ' ' || n, ', ') FROM (SELECT status, count(*) n FROM jobloop.jobs WHERE tenant = 'A' GROUP BY 1) s
      UNION ALL SELECT 'A calls logged: ' || count(*) FROM ft.log WHERE tenant = 'A'"
-note "A had $b_done of 2000 jobs finished when the test saw B finished"
+tap_diag "A had $b_done of 2000 jobs finished when the test saw B finished"
 
 # ==== per-tenant cap ========================================================================
 # 'capped' may hold 3 jobs at once (over both workers); 'free' has no cap and runs
@@ -265,7 +236,7 @@ _all_sleeping() {
 sleeping=0
 jl_wait_for 10 _all_sleeping && sleeping=1
 wait_done 20 sleepy || true
-ok "$(( sleeping == 1 ? 0 : 1 ))" "long delay: all 6 of sleepy's jobs waited out their delay at once, unheld (cap 2)" \
+tap_ok "$(( sleeping == 1 ? 0 : 1 ))" "long delay: all 6 of sleepy's jobs waited out their delay at once, unheld (cap 2)" \
     "$(q "SELECT id || ' ' || status || ' worker ' || coalesce(worker::text, '-') || ' run_after ' || run_after FROM jobloop.jobs WHERE tenant = 'sleepy'")"
 check "long delay: all 6 completed, never more than 2 held at once" \
     "SELECT ft.held_max('sleepy') <= 2 AND (SELECT count(*) FROM jobloop.jobs WHERE tenant = 'sleepy' AND status = 'completed') = 6" \
@@ -275,5 +246,5 @@ check "long delay: all 6 completed, never more than 2 held at once" \
 check "both workers are still running" \
     "SELECT count(*) = 2 FROM pg_stat_activity WHERE application_name LIKE 'jobloop worker %'" ""
 
-note "fairness.sh ran in $((SECONDS - t_start)) s"
-finish
+tap_diag "fairness.sh ran in $((SECONDS - t_start)) s"
+tap_done

@@ -31,42 +31,12 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/../../scripts/lib.sh"
+# shellcheck source=test/tap.sh
+. "$(dirname "$0")/../tap.sh"
 
 if [[ "${JL_BUILD:-}" == 1 ]]; then
     jl_build >&2
 fi
-
-# ---- TAP --------------------------------------------------------------------------------
-PLAN=32
-_tap_n=0
-_tap_failed=0
-ok() {      # ok STATUS DESCRIPTION [DIAGNOSTICS]
-    local status=$1 desc=$2 diag=${3:-}
-    _tap_n=$((_tap_n + 1))
-    if [[ "$status" == 0 ]]; then
-        echo "ok $_tap_n - $desc"
-    else
-        echo "not ok $_tap_n - $desc"
-        _tap_failed=$((_tap_failed + 1))
-    fi
-    if [[ -n "$diag" && ( "$status" != 0 || "${JL_VERBOSE:-}" == 1 ) ]]; then
-        printf '%s\n' "$diag" | sed 's/^/#   /'
-    fi
-    return 0
-}
-note() { printf '%s\n' "$*" | sed 's/^/# /'; }
-bail() {
-    echo "Bail out! $*"
-    exit 1
-}
-finish() {
-    if (( _tap_n != PLAN )); then
-        echo "# planned $PLAN tests but ran $_tap_n"
-        exit 1
-    fi
-    (( _tap_failed == 0 )) || { echo "# $_tap_failed of $PLAN tests failed"; exit 1; }
-    exit 0
-}
 
 # q SQL: one value (or rows) from the cluster, unaligned, tuples only.
 q() { jl_psql -At -c "$1"; }
@@ -78,18 +48,18 @@ check() {
         diag=$(q "$diag_sql" 2>&1) || true
     fi
     if [[ "$got" == t ]]; then
-        ok 0 "$desc" "$diag"
+        tap_ok 0 "$desc" "$diag"
     else
         [[ "$got" == f ]] || diag="$got"$'\n'"$diag"
-        ok 1 "$desc" "$diag"
+        tap_ok 1 "$desc" "$diag"
     fi
 }
 
 t_start=$SECONDS
 jl_cluster_start "jobloop.workers = 2" "jobloop.max_in_flight = 30" \
-    "jobloop.allowed_hosts = '127.0.0.1,127.0.0.2'" >&2 || bail "could not start a cluster"
-jl_mock_start >&2 || bail "could not start the mock API"
-echo "1..$PLAN"
+    "jobloop.allowed_hosts = '127.0.0.1,127.0.0.2'" >&2 || tap_bail "could not start a cluster"
+jl_mock_start >&2 || tap_bail "could not start the mock API"
+tap_plan 32
 
 EP1="127.0.0.1:$JL_MOCK_PORT"     # the endpoint of $JL_MOCK_URL
 EP2="127.0.0.2:$JL_MOCK_PORT"     # the endpoint of $JL_MOCK_URL2
@@ -97,7 +67,7 @@ EP2="127.0.0.2:$JL_MOCK_PORT"     # the endpoint of $JL_MOCK_URL2
 # ---- setup -------------------------------------------------------------------------------
 # A job's state says what to call: base URL, path, tag, its number j, how many steps, and
 # optionally a rate_key.  Each step is one request; step() counts them in n.
-jl_psql >/dev/null <<'SQL' || bail "setup failed"
+jl_psql >/dev/null <<'SQL' || tap_bail "setup failed"
 CREATE EXTENSION jobloop;
 CREATE SCHEMA lt;
 CREATE FUNCTION lt.req(s jsonb) RETURNS jsonb LANGUAGE sql AS $$
@@ -166,7 +136,7 @@ CREATE FUNCTION lt.overlap(t text, from_t numeric DEFAULT 0) RETURNS bigint LANG
 $$;
 SQL
 
-jl_psql >/dev/null <<SQL || bail "setup (roles) failed"
+jl_psql >/dev/null <<SQL || tap_bail "setup (roles) failed"
 CREATE ROLE lt_app LOGIN;
 CREATE ROLE lt_admin LOGIN IN ROLE jobloop_admin;
 GRANT USAGE ON SCHEMA jobloop TO lt_app;
@@ -206,11 +176,11 @@ wait_done() {
     deadline=$(( $(_jl_now_us) + secs * 1000000 ))
     while :; do
         if [[ -n "$sample" ]] && ! out=$(q "$sample" 2>&1); then
-            note "sampling failed: $out"
+            tap_diag "sampling failed: $out"
         fi
         [[ "$(unfinished "$tag")" == 0 ]] && return 0
         if (( $(_jl_now_us) >= deadline )); then
-            note "timed out after ${secs}s waiting for the jobs tagged $tag"
+            tap_diag "timed out after ${secs}s waiting for the jobs tagged $tag"
             return 1
         fi
         sleep 0.1
@@ -228,18 +198,18 @@ log_quiet_for() {
 # ==== permissions ===========================================================================
 err=$(jl_psql -c "SET ROLE lt_app" -c "SELECT jobloop.set_limit('$EP1', max_rate => 5)" 2>&1 >/dev/null) || true
 [[ "$err" == *"permission denied to set endpoint limits"* ]] && s=0 || s=1
-ok "$s" "a role outside jobloop_admin cannot set an endpoint limit" "$err"
+tap_ok "$s" "a role outside jobloop_admin cannot set an endpoint limit" "$err"
 
 err=$( { jl_psql -c "SET ROLE lt_app" -c "SELECT jobloop.drop_limit('$EP1')" 2>&1 >/dev/null;
          jl_psql -c "SET ROLE lt_app" -c "SELECT jobloop.set_tenant_limit('t', 3)" 2>&1 >/dev/null; } ) || true
 [[ "$err" == *"permission denied to drop endpoint limits"* && "$err" == *"permission denied to set tenant limits"* ]] && s=0 || s=1
-ok "$s" "... nor drop one, nor set a tenant limit" "$err"
+tap_ok "$s" "... nor drop one, nor set a tenant limit" "$err"
 
 out=$(jl_psql -At -c "SET ROLE lt_admin" -c "SELECT 1 FROM jobloop.set_limit('lt-probe', max_rate => 5)" \
         -c "SELECT 2 FROM jobloop.set_tenant_limit('lt-probe', 2)" -c "SELECT 3 FROM jobloop.set_tenant_limit('lt-probe', NULL)" \
         -c "SELECT jobloop.drop_limit('lt-probe')" -c "SELECT count(*) FROM jobloop.endpoint_limit" 2>&1) || true
 [[ "$out" == $'1\n2\n3\nt\n0' ]] && s=0 || s=1
-ok "$s" "a member of jobloop_admin may set and drop limits" "$out"
+tap_ok "$s" "a member of jobloop_admin may set and drop limits" "$out"
 
 # ==== rate ==================================================================================
 # How many requests may the API see in a window of 1 s?  A token bucket of rate r and depth
@@ -518,5 +488,5 @@ check "both workers are still running" \
     "SELECT count(*) = 2 FROM pg_stat_activity WHERE application_name LIKE 'jobloop worker %'" \
     "SELECT application_name || ' ' || coalesce(state, '') FROM pg_stat_activity WHERE backend_type LIKE '%jobloop%' OR application_name LIKE 'jobloop%'"
 
-note "limits.sh ran in $((SECONDS - t_start)) s"
-finish
+tap_diag "limits.sh ran in $((SECONDS - t_start)) s"
+tap_done

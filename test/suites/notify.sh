@@ -10,43 +10,16 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/../../scripts/lib.sh"
-
-# ---- TAP ----
-_tap_n=0
-_tap_failed=0
-ok() {      # ok CONDITION_EXIT_STATUS DESCRIPTION
-    local status=$1
-    shift
-    _tap_n=$((_tap_n + 1))
-    if [[ "$status" == 0 ]]; then
-        echo "ok $_tap_n - $*"
-    else
-        echo "not ok $_tap_n - $*"
-        _tap_failed=$((_tap_failed + 1))
-    fi
-}
-is() {      # is HAVE WANT DESCRIPTION
-    local have=$1 want=$2
-    shift 2
-    if [[ "$have" == "$want" ]]; then
-        ok 0 "$*"
-    else
-        ok 1 "$*"
-        printf '#   have: %s\n#   want: %s\n' "$have" "$want"
-    fi
-}
-bail() {
-    echo "Bail out! $*"
-    exit 1
-}
+# shellcheck source=test/tap.sh
+. "$(dirname "$0")/../tap.sh"
 
 # shellcheck disable=SC2119
-jl_cluster_start >&2 || bail "could not start a cluster"
-jl_mock_start >&2 || bail "could not start the mock API"
+jl_cluster_start >&2 || tap_bail "could not start a cluster"
+jl_mock_start >&2 || tap_bail "could not start the mock API"
 
 psql_() { jl_psql -At "$@"; }
 
-psql_ >/dev/null <<SQL || bail "setup failed"
+psql_ >/dev/null <<SQL || tap_bail "setup failed"
 CREATE EXTENSION jobloop;
 CREATE FUNCTION notify_request(state jsonb) RETURNS jsonb LANGUAGE sql AS \$\$
     SELECT jsonb_build_object('url', '$JL_MOCK_URL' || (state->>'path'))
@@ -77,7 +50,7 @@ exec 3>"$work/in"
 jl_on_exit kill "$listener"
 echo "LISTEN jobloop;" >&3
 echo "SELECT 'listening';" >&3
-jl_wait_for 10 grep -qx listening "$work/out" || bail "the listener did not start"
+jl_wait_for 10 grep -qx listening "$work/out" || tap_bail "the listener did not start"
 
 # psql prints a notification when it next talks to the server: keep it talking
 # until WANT (a grep -E pattern) shows up, or the deadline passes.
@@ -120,7 +93,7 @@ jl_wait_for 10 grep -qx finished "$work/out" || true
 # The payloads, without psql's wording around them and the sender's PID.
 sed -n 's/^Asynchronous notification "jobloop" with payload "\(.*\)" received from server process with PID [0-9]*\.$/\1/p' \
     "$work/out" >"$work/payloads"
-echo "# $(wc -l <"$work/payloads") notifications received"
+tap_diag "$(wc -l <"$work/payloads") notifications received"
 
 # Parse them as JSON in SQL: one row per notification, in order.
 payload_sql() {
@@ -135,8 +108,8 @@ SQL
 bad=$(payload_sql "SELECT count(*) FROM n WHERE NOT (payload::jsonb ?& ARRAY['id', 'status', 'step', 'tenant', 'kind'])
                      OR jsonb_typeof(payload::jsonb->'id') <> 'number' OR jsonb_typeof(payload::jsonb->'step') <> 'number'
                      OR jsonb_typeof(payload::jsonb->'status') <> 'string';")
-is "$bad" 0 "every payload is a JSON object with id, status, step, tenant and kind"
-is "$(payload_sql "SELECT count(*) FROM n WHERE length(payload) > 8000;")" 0 "payloads fit in a NOTIFY (8000 bytes)"
+tap_is "$bad" 0 "every payload is a JSON object with id, status, step, tenant and kind"
+tap_is "$(payload_sql "SELECT count(*) FROM n WHERE length(payload) > 8000;")" 0 "payloads fit in a NOTIFY (8000 bytes)"
 
 # sequence ID -> "status:step status:step ..."
 sequence() {
@@ -149,18 +122,17 @@ fields() {  # fields ID -> distinct "tenant|kind" of its payloads
                    FROM n WHERE (payload::jsonb->>'id')::bigint = $1;"
 }
 
-is "$(sequence "$a")" "pending:0 running:0 completed:2" \
+tap_is "$(sequence "$a")" "pending:0 running:0 completed:2" \
     "a 2-step job: pending, running, completed (step 2); no per-step notification by default"
-is "$(fields "$a")" "notify-t1|notify_plain|string" "its payloads carry its tenant and kind"
-is "$(sequence "$b")" "pending:0 running:0 running:1 running:2 completed:3" \
+tap_is "$(fields "$a")" "notify-t1|notify_plain|string" "its payloads carry its tenant and kind"
+tap_is "$(sequence "$b")" "pending:0 running:0 running:1 running:2 completed:3" \
     "notify_steps: a notification after every step, with the step number"
-is "$(fields "$b")" "notify-t2|notify_steps|string" "with its tenant and kind"
-is "$(sequence "$d")" "pending:0 running:0 failed:0" "a job whose step raises: pending, running, failed"
-is "$(fields "$d")" "<null>|notify_plain|null" "a job without a tenant has \"tenant\": null"
-is "$(sequence "$c")" "pending:0 running:0 cancelled:0" "a cancelled running job: pending, running, cancelled"
-is "$(sequence "$r")" "" "a submit that rolled back sent no notification"
-is "$(psql_ -c "SELECT string_agg(status, ',' ORDER BY id) FROM jobloop.jobs WHERE id IN ($a, $b, $c, $d)")" \
+tap_is "$(fields "$b")" "notify-t2|notify_steps|string" "with its tenant and kind"
+tap_is "$(sequence "$d")" "pending:0 running:0 failed:0" "a job whose step raises: pending, running, failed"
+tap_is "$(fields "$d")" "<null>|notify_plain|null" "a job without a tenant has \"tenant\": null"
+tap_is "$(sequence "$c")" "pending:0 running:0 cancelled:0" "a cancelled running job: pending, running, cancelled"
+tap_is "$(sequence "$r")" "" "a submit that rolled back sent no notification"
+tap_is "$(psql_ -c "SELECT string_agg(status, ',' ORDER BY id) FROM jobloop.jobs WHERE id IN ($a, $b, $c, $d)")" \
     "completed,completed,failed,cancelled" "the jobs ended as their last notification said"
 
-echo "1..$_tap_n"
-exit $(( _tap_failed > 0 ))
+tap_done

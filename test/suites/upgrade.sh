@@ -8,41 +8,16 @@
 # 0.1.0, then upgraded while jobs are finished, pending and running) and jl_fresh
 # (CREATE EXTENSION at the default version).  A third database, jl_unserved, has no
 # worker: CREATE EXTENSION there warns, and its schema is the same all the same.
+# shellcheck disable=SC2317  # functions run through jl_wait_for look unreachable
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/../../scripts/lib.sh"
-
-# ---- TAP ----
-_tap_n=0
-_tap_failed=0
-ok() {      # ok CONDITION_EXIT_STATUS DESCRIPTION
-    local status=$1
-    shift
-    _tap_n=$((_tap_n + 1))
-    if [[ "$status" == 0 ]]; then
-        echo "ok $_tap_n - $*"
-    else
-        echo "not ok $_tap_n - $*"
-        _tap_failed=$((_tap_failed + 1))
-    fi
-}
-is() {      # is HAVE WANT DESCRIPTION
-    local have=$1 want=$2
-    shift 2
-    if [[ "$have" == "$want" ]]; then
-        ok 0 "$*"
-    else
-        ok 1 "$*"
-        printf '#   have: %s\n#   want: %s\n' "$have" "$want"
-    fi
-}
-bail() {
-    echo "Bail out! $*"
-    exit 1
-}
+# shellcheck source=test/tap.sh
+. "$(dirname "$0")/../tap.sh"
 
 jl_cluster_start "jobloop.database = 'jobloop, jl_fresh'" "jobloop.workers = 1" >&2 \
-    || bail "could not start a cluster"
-jl_mock_start >&2 || bail "could not start the mock API"
+    || tap_bail "could not start a cluster"
+jl_mock_start >&2 || tap_bail "could not start the mock API"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-upgrade.XXXXXX")
 jl_on_exit rm -rf -- "$work"
@@ -55,7 +30,7 @@ q() {       # q DB SQL: one value (or rows of |-separated values)
 
 # ---- 1. 0.1.0 with jobs in every state ----
 
-jl_psql -d jobloop -At >/dev/null <<SQL || bail "could not install 0.1.0"
+jl_psql -d jobloop -At >/dev/null <<SQL || tap_bail "could not install 0.1.0"
 CREATE EXTENSION jobloop VERSION '0.1.0';
 -- state: {"steps": n, "delay_ms": d, "fail": bool}; one GET /json?n=<step> per step.
 CREATE FUNCTION upg_request(state jsonb) RETURNS jsonb LANGUAGE sql AS \$\$
@@ -75,9 +50,9 @@ SELECT jobloop.create_kind('upg', 'upg_request(jsonb)', 'upg_step(jsonb,jsonb)',
                            max_attempts => 2, backoff => '50 ms', max_backoff => '50 ms');
 SQL
 
-is "$(q jobloop "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.1.0" \
+tap_is "$(q jobloop "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.1.0" \
     "CREATE EXTENSION jobloop VERSION '0.1.0' installs 0.1.0"
-is "$(q jobloop "SELECT to_regclass('jobloop.stats') IS NULL AND to_regclass('jobloop.errors') IS NULL
+tap_is "$(q jobloop "SELECT to_regclass('jobloop.stats') IS NULL AND to_regclass('jobloop.errors') IS NULL
                     AND to_regprocedure('jobloop.worker_stats()') IS NULL")" "t" \
     "0.1.0 has no stats, errors or worker_stats"
 
@@ -88,7 +63,7 @@ failed=$(q jobloop "SELECT jobloop.submit('upg', '{\"steps\": 1, \"fail\": true}
 for id in $finished $failed; do
     q jobloop "SELECT jobloop.wait($id, '30 s')" >/dev/null
 done
-is "$(q jobloop "SELECT string_agg(status || ':' || step, ' ' ORDER BY id) FROM jobloop.jobs")" \
+tap_is "$(q jobloop "SELECT string_agg(status || ':' || step, ' ' ORDER BY id) FROM jobloop.jobs")" \
     "completed:1 completed:2 completed:3 failed:0" "under 0.1.0 the workers ran jobs to completion and failure"
 
 # Pending: not due for 8 s.  Running: 6 steps, 500 ms apart, going on through the upgrade.
@@ -102,52 +77,49 @@ jl_wait_for 10 running_started || true
 cols="id, kind, tenant, owner, status, step, state, next_request, last_error, attempts,
       created_at, started_at, finished_at, run_after"
 q jobloop "SELECT $cols FROM jobloop.jobs WHERE status IN ('completed', 'failed') ORDER BY id" >"$work/finished.before"
-is "$(q jobloop "SELECT string_agg(status, ' ' ORDER BY id) FROM jobloop.jobs WHERE id IN (${pending// /,})")" \
+tap_is "$(q jobloop "SELECT string_agg(status, ' ' ORDER BY id) FROM jobloop.jobs WHERE id IN (${pending// /,})")" \
     "pending pending pending" "before the upgrade: 3 jobs pending (start_at in the future)"
-is "$(q jobloop "SELECT status || ':' || (step BETWEEN 1 AND 5) FROM jobloop.jobs WHERE id = $running")" \
+tap_is "$(q jobloop "SELECT status || ':' || (step BETWEEN 1 AND 5) FROM jobloop.jobs WHERE id = $running")" \
     "running:true" "before the upgrade: 1 job running, between steps"
 
 # ---- 2. the upgrade ----
 
 rc=0
 jl_psql -d jobloop -c "ALTER EXTENSION jobloop UPDATE" >"$work/alter.out" 2>&1 || rc=$?
-ok $rc "ALTER EXTENSION jobloop UPDATE succeeds"
-is "$(grep -c WARNING "$work/alter.out" || true)" "0" "... without a warning (a worker serves database jobloop)"
-is "$(q jobloop "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.2.0" "the version is now 0.2.0"
-is "$(q jobloop "SELECT to_regclass('jobloop.stats') IS NOT NULL AND to_regclass('jobloop.errors') IS NOT NULL
+tap_ok $rc "ALTER EXTENSION jobloop UPDATE succeeds"
+tap_is "$(grep -c WARNING "$work/alter.out" || true)" "0" "... without a warning (a worker serves database jobloop)"
+tap_is "$(q jobloop "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.2.0" "the version is now 0.2.0"
+tap_is "$(q jobloop "SELECT to_regclass('jobloop.stats') IS NOT NULL AND to_regclass('jobloop.errors') IS NOT NULL
                     AND to_regprocedure('jobloop.worker_stats()') IS NOT NULL
                     AND to_regclass('jobloop.job_finished_idx') IS NOT NULL")" "t" \
     "the new objects exist: jobloop.stats, jobloop.errors, jobloop.worker_stats(), job_finished_idx"
 
 q jobloop "SELECT $cols FROM jobloop.jobs WHERE status IN ('completed', 'failed') AND id NOT IN ($running) ORDER BY id" \
     >"$work/finished.after"
-if diff "$work/finished.before" "$work/finished.after" >"$work/finished.diff"; then
-    ok 0 "finished jobs are untouched by the upgrade"
-else
-    ok 1 "finished jobs are untouched by the upgrade"
-    sed 's/^/#   /' "$work/finished.diff"
-fi
+rc=0
+diff "$work/finished.before" "$work/finished.after" >"$work/finished.diff" || rc=$?
+tap_ok $rc "finished jobs are untouched by the upgrade" "$(cat "$work/finished.diff")"
 
 # ---- 3. jobs carry on under 0.2.0 ----
 
-is "$(q jobloop "SELECT jobloop.wait($running, '30 s')")" "completed" "the job running during the upgrade completes"
-is "$(q jobloop "SELECT step || ' ' || (state->'seen')::text FROM jobloop.jobs WHERE id = $running")" \
+tap_is "$(q jobloop "SELECT jobloop.wait($running, '30 s')")" "completed" "the job running during the upgrade completes"
+tap_is "$(q jobloop "SELECT step || ' ' || (state->'seen')::text FROM jobloop.jobs WHERE id = $running")" \
     "6 [0, 1, 2, 3, 4, 5]" "... with all 6 steps, in order"
 key=$(q jobloop "SELECT format('jobloop-%s-%s-%s-', system_identifier,
                                 (SELECT oid FROM pg_database WHERE datname = 'jobloop'), $running)
                    FROM pg_control_system()")
-is "$(grep -c "\"$key[0-9]*\"" "$JL_MOCK_LOG" || true)" "6" "... and the API received each of its steps once"
+tap_is "$(grep -c "\"${key}[0-9]*\"" "$JL_MOCK_LOG" || true)" "6" "... and the API received each of its steps once"
 for id in $pending; do
     q jobloop "SELECT jobloop.wait($id, '30 s')" >/dev/null
 done
-is "$(q jobloop "SELECT string_agg(status || ':' || step, ' ' ORDER BY id) FROM jobloop.jobs WHERE id IN (${pending// /,})")" \
+tap_is "$(q jobloop "SELECT string_agg(status || ':' || step, ' ' ORDER BY id) FROM jobloop.jobs WHERE id IN (${pending// /,})")" \
     "completed:2 completed:2 completed:2" "the jobs pending during the upgrade run to completion afterwards"
-is "$(q jobloop "SELECT pending || ' ' || running || ' ' || completed || ' ' || failed || ' ' || cancelled || ' ' || workers
+tap_is "$(q jobloop "SELECT pending || ' ' || running || ' ' || completed || ' ' || failed || ' ' || cancelled || ' ' || workers
                    FROM jobloop.stats")" "0 0 7 1 0 1" \
     "jobloop.stats counts the jobs from before and after the upgrade, and the database's worker"
-is "$(q jobloop "SELECT kind || ' ' || failed || ' ' || last_error FROM jobloop.errors")" \
+tap_is "$(q jobloop "SELECT kind || ' ' || failed || ' ' || last_error FROM jobloop.errors")" \
     "upg 1 HTTP 503 Service Unavailable after 2 attempts" "jobloop.errors shows the failure from before the upgrade"
-is "$(q jobloop "SELECT count(*) FROM jobloop.worker_stats() WHERE database = 'jobloop' AND pid > 0")" "1" \
+tap_is "$(q jobloop "SELECT count(*) FROM jobloop.worker_stats() WHERE database = 'jobloop' AND pid > 0")" "1" \
     "jobloop.worker_stats() lists the worker"
 
 # ---- 4. a fresh install is the same schema ----
@@ -204,37 +176,33 @@ q postgres "CREATE DATABASE jl_fresh" >/dev/null
 q postgres "CREATE DATABASE jl_unserved" >/dev/null
 rc=0
 jl_psql -d jl_fresh -c "CREATE EXTENSION jobloop" >"$work/fresh.out" 2>&1 || rc=$?
-ok $rc "CREATE EXTENSION jobloop in a second served database"
-is "$(grep -c WARNING "$work/fresh.out" || true)" "0" "... without a warning (jobloop.database lists it)"
-is "$(q jl_fresh "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.2.0" \
+tap_ok $rc "CREATE EXTENSION jobloop in a second served database"
+tap_is "$(grep -c WARNING "$work/fresh.out" || true)" "0" "... without a warning (jobloop.database lists it)"
+tap_is "$(q jl_fresh "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.2.0" \
     "... installs the default version, 0.2.0"
 
 rc=0
 jl_psql -d jl_unserved -c "CREATE EXTENSION jobloop" >"$work/unserved.out" 2>&1 || rc=$?
-ok $rc "CREATE EXTENSION jobloop in a database no worker serves succeeds (a restore must not fail)"
-is "$(grep -c 'WARNING:  no jobloop worker serves database "jl_unserved"' "$work/unserved.out" || true)" "1" \
+tap_ok $rc "CREATE EXTENSION jobloop in a database no worker serves succeeds (a restore must not fail)"
+tap_is "$(grep -c 'WARNING:  no jobloop worker serves database "jl_unserved"' "$work/unserved.out" || true)" "1" \
     "... with a warning that no worker serves it"
 
 jl_psql -d jobloop -At -f "$work/schema.sql" >"$work/schema.upgraded"
 jl_psql -d jl_fresh -At -f "$work/schema.sql" >"$work/schema.fresh"
 jl_psql -d jl_unserved -At -f "$work/schema.sql" >"$work/schema.unserved"
-echo "# the schema description has $(wc -l <"$work/schema.fresh") lines"
-ok "$([[ $(grep -c '^member ' "$work/schema.fresh") -ge 20 ]]; echo $?)" \
+tap_diag "the schema description has $(wc -l <"$work/schema.fresh") lines"
+tap_ok "$([[ $(grep -c '^member ' "$work/schema.fresh") -ge 20 ]]; echo $?)" \
     "the schema description lists the extension's members"
-if diff "$work/schema.upgraded" "$work/schema.fresh" >"$work/schema.diff"; then
-    ok 0 "the upgraded schema (0.1.0 -> 0.2.0) is identical to a fresh 0.2.0 install"
-else
-    ok 1 "the upgraded schema (0.1.0 -> 0.2.0) is identical to a fresh 0.2.0 install"
-    sed 's/^/#   /' "$work/schema.diff" | head -n 40
-fi
-if diff "$work/schema.fresh" "$work/schema.unserved" >/dev/null; then
-    ok 0 "a database without a worker gets the same schema"
-else
-    ok 1 "a database without a worker gets the same schema"
-fi
+rc=0
+diff "$work/schema.upgraded" "$work/schema.fresh" >"$work/schema.diff" || rc=$?
+tap_ok $rc "the upgraded schema (0.1.0 -> 0.2.0) is identical to a fresh 0.2.0 install" \
+    "$(head -n 40 "$work/schema.diff")"
+rc=0
+diff "$work/schema.fresh" "$work/schema.unserved" >/dev/null || rc=$?
+tap_ok $rc "a database without a worker gets the same schema"
 
 # The second database's worker runs jobs there too.
-jl_psql -d jl_fresh -At >/dev/null <<SQL || bail "could not set up jl_fresh"
+jl_psql -d jl_fresh -At >/dev/null <<SQL || tap_bail "could not set up jl_fresh"
 CREATE FUNCTION fresh_request(state jsonb) RETURNS jsonb LANGUAGE sql AS \$\$
     SELECT CASE WHEN state ? 'done' THEN NULL ELSE jsonb_build_object('url', '$JL_MOCK_URL/json?n=7') END
 \$\$;
@@ -244,10 +212,9 @@ CREATE FUNCTION fresh_step(state jsonb, response jsonb) RETURNS jsonb LANGUAGE s
 SELECT jobloop.create_kind('fresh', 'fresh_request(jsonb)', 'fresh_step(jsonb,jsonb)');
 SQL
 fresh_job=$(q jl_fresh "SELECT jobloop.submit('fresh')")
-is "$(q jl_fresh "SELECT jobloop.wait($fresh_job, '30 s')")" "completed" \
+tap_is "$(q jl_fresh "SELECT jobloop.wait($fresh_job, '30 s')")" "completed" \
     "a job in the freshly installed database runs to completion"
-is "$(q jl_fresh "SELECT state->>'done' FROM jobloop.jobs WHERE id = $fresh_job")" "7" \
+tap_is "$(q jl_fresh "SELECT state->>'done' FROM jobloop.jobs WHERE id = $fresh_job")" "7" \
     "... against the API"
 
-echo "1..$_tap_n"
-exit $(( _tap_failed > 0 ))
+tap_done
