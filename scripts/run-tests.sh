@@ -14,8 +14,10 @@
 #        isolation   the PGXS isolation specs (test/isolation), if the Makefile lists any
 #        pgtap       pg_prove on test/pgtap/*.sql, end to end in database jobloop
 #                    against the mock (one suite per file)
-#        tap         prove on every executable test/suites/*.sh, test/crash/*.sh and
-#                    test/fault/*.sh (each starts its own cluster; one suite per script)
+#        tap         prove on test/isolation/check-sync.sh (the isolation specs' copies of
+#                    the worker's statements still match src/store.c) and every executable
+#                    test/suites/*.sh, test/crash/*.sh and test/fault/*.sh (each starts its
+#                    own cluster; one suite per script)
 #   4. ends with one line, "N passed, N failed", counting each pg_regress and isolation
 #      test and each TAP assertion, after naming the suites that failed.
 #
@@ -210,7 +212,7 @@ SQL
 
 run_scripts() {
     local f found=
-    for f in test/suites/*.sh test/crash/*.sh test/fault/*.sh; do
+    for f in test/isolation/check-sync.sh test/suites/*.sh test/crash/*.sh test/fault/*.sh; do
         # Only executable scripts are suites (helpers such as common.sh are sourced).
         [[ -f "$f" && -x "$f" ]] || continue
         found=1
