@@ -32,10 +32,31 @@
 
 #define MAX_HEADER_BYTES	(256 * 1024)
 #define EPOLL_BATCH			256
+#define TRANSFERS_PER_SHARD	500		/* see "Shards" below */
+#define RECEIVE_BUFFER		8192	/* curl's per-transfer receive buffer (default 16 kB) */
+
+/*
+ * Shards: libcurl (7.88) looks for an idle connection to reuse by scanning
+ * every cached connection to the same host:port, so one multi handle with
+ * 10,000 calls in flight to one API spends most of its time scanning.  The
+ * transfers are therefore spread over multi handles of at most
+ * TRANSFERS_PER_SHARD each; each keeps its own connection cache (reuse works
+ * within it), and all share the one epoll set, whose events carry the
+ * shard's index next to the socket.
+ */
+typedef struct Shard
+{
+	CURLM	   *multi;
+	int			index;
+	int			in_flight;
+	bool		has_deadline;
+	TimestampTz deadline;		/* when curl wants socket_action(TIMEOUT) */
+} Shard;
 
 struct Transfer
 {
 	CURL	   *easy;
+	Shard	   *shard;
 	void	   *owner;
 	struct curl_slist *headers;
 	char	   *body;
@@ -51,10 +72,10 @@ struct Transfer
 	Transfer   *next_free;
 };
 
-static CURLM *multi = NULL;
+static Shard **shards = NULL;	/* each allocated apart: transfers point to theirs */
+static int	nshards = 0;
+static int	max_shards = 0;
 static int	epoll_fd = -1;
-static bool has_deadline = false;
-static TimestampTz curl_deadline = 0;
 static int	in_flight = 0;
 static Transfer *free_transfers = NULL;
 
@@ -63,23 +84,24 @@ static Transfer *free_transfers = NULL;
 static int
 socket_callback(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
 {
+	Shard	   *shard = userp;
 	struct epoll_event ev;
 
 	if (what == CURL_POLL_REMOVE)
 	{
 		/* the socket may be closed already; epoll then dropped it itself */
 		(void) epoll_ctl(epoll_fd, EPOLL_CTL_DEL, s, NULL);
-		curl_multi_assign(multi, s, NULL);
+		curl_multi_assign(shard->multi, s, NULL);
 		return 0;
 	}
 	memset(&ev, 0, sizeof(ev));
-	ev.data.fd = s;
+	ev.data.u64 = ((uint64) shard->index << 32) | (uint32) s;
 	ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
 	if (socketp == NULL)
 	{
 		if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, s, &ev) != 0 && errno == EEXIST)
 			(void) epoll_ctl(epoll_fd, EPOLL_CTL_MOD, s, &ev);
-		curl_multi_assign(multi, s, (void *) 1);
+		curl_multi_assign(shard->multi, s, (void *) 1);
 	}
 	else if (epoll_ctl(epoll_fd, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
 		(void) epoll_ctl(epoll_fd, EPOLL_CTL_ADD, s, &ev);
@@ -89,9 +111,11 @@ socket_callback(CURL *easy, curl_socket_t s, int what, void *userp, void *socket
 static int
 timer_callback(CURLM *m, long timeout_ms, void *userp)
 {
-	has_deadline = timeout_ms >= 0;
-	if (has_deadline)
-		curl_deadline = GetCurrentTimestamp() + (TimestampTz) timeout_ms * 1000;
+	Shard	   *shard = userp;
+
+	shard->has_deadline = timeout_ms >= 0;
+	if (shard->has_deadline)
+		shard->deadline = GetCurrentTimestamp() + (TimestampTz) timeout_ms * 1000;
 	return 0;
 }
 
@@ -231,13 +255,49 @@ http_init(void)
 	epoll_fd = epoll_create1(EPOLL_CLOEXEC);
 	if (epoll_fd < 0)
 		elog(ERROR, "epoll_create1 failed: %m");
-	multi = curl_multi_init();
-	if (multi == NULL)
-		elog(ERROR, "could not create a libcurl multi handle");
-	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_callback);
-	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_callback);
-	/* keep a connection per job slot so that keep-alive survives between steps */
-	curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long) jobloop_max_in_flight + 16);
+}
+
+/* The least busy shard with room, or a new one; NULL if none can be made. */
+static Shard *
+pick_shard(void)
+{
+	Shard	   *best = NULL;
+	Shard	   *shard;
+
+	for (int i = 0; i < nshards; i++)
+		if (shards[i]->in_flight < TRANSFERS_PER_SHARD &&
+			(best == NULL || shards[i]->in_flight < best->in_flight))
+			best = shards[i];
+	if (best)
+		return best;
+	if (nshards == max_shards)
+	{
+		int			n = Max(4, max_shards * 2);
+		Shard	  **grown = realloc(shards, n * sizeof(Shard *));
+
+		if (grown == NULL)
+			return NULL;
+		shards = grown;
+		max_shards = n;
+	}
+	shard = calloc(1, sizeof(Shard));
+	if (shard == NULL)
+		return NULL;
+	shard->multi = curl_multi_init();
+	if (shard->multi == NULL)
+	{
+		free(shard);
+		return NULL;
+	}
+	shard->index = nshards;
+	shards[nshards++] = shard;
+	curl_multi_setopt(shard->multi, CURLMOPT_SOCKETFUNCTION, socket_callback);
+	curl_multi_setopt(shard->multi, CURLMOPT_SOCKETDATA, shard);
+	curl_multi_setopt(shard->multi, CURLMOPT_TIMERFUNCTION, timer_callback);
+	curl_multi_setopt(shard->multi, CURLMOPT_TIMERDATA, shard);
+	/* keep a connection per call slot, so that keep-alive survives between steps */
+	curl_multi_setopt(shard->multi, CURLMOPT_MAXCONNECTS, (long) TRANSFERS_PER_SHARD + 16);
+	return shard;
 }
 
 int
@@ -296,13 +356,15 @@ Transfer *
 http_start(const HttpRequest *req, const char *idempotency_key, int default_timeout_ms,
 		   bool fresh_connection, void *owner)
 {
-	Transfer   *xfer = get_transfer();
+	Shard	   *shard = pick_shard();
+	Transfer   *xfer = shard ? get_transfer() : NULL;
 	CURL	   *e;
 	char		line[300];
 	bool		ok = true;
 
 	if (xfer == NULL)
 		return NULL;
+	xfer->shard = shard;
 	e = xfer->easy;
 	xfer->owner = owner;
 
@@ -345,6 +407,7 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 	curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
 	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(e, CURLOPT_USERAGENT, "jobloop/" JOBLOOP_VERSION);
+	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, (long) RECEIVE_BUFFER);
 	/*
 	 * libcurl re-sends a request by itself when a reused connection closes
 	 * without a reply (a stale keep-alive), on the next pooled connection.
@@ -366,11 +429,12 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 		curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, req->body ? req->body : "");
 	}
 
-	if (curl_multi_add_handle(multi, e) != CURLM_OK)
+	if (curl_multi_add_handle(shard->multi, e) != CURLM_OK)
 	{
 		http_done(xfer);
 		return NULL;
 	}
+	shard->in_flight++;
 	in_flight++;
 	return xfer;
 }
@@ -389,6 +453,8 @@ http_socket_ready(void)
 		n = epoll_wait(epoll_fd, events, EPOLL_BATCH, 0);
 		for (int i = 0; i < n; i++)
 		{
+			int			index = (int) (events[i].data.u64 >> 32);
+			curl_socket_t fd = (curl_socket_t) (events[i].data.u64 & 0xFFFFFFFF);
 			int			flags = 0;
 
 			if (events[i].events & EPOLLIN)
@@ -397,7 +463,8 @@ http_socket_ready(void)
 				flags |= CURL_CSELECT_OUT;
 			if (events[i].events & (EPOLLERR | EPOLLHUP))
 				flags |= CURL_CSELECT_ERR;
-			curl_multi_socket_action(multi, events[i].data.fd, flags, &running);
+			if (index < nshards)
+				curl_multi_socket_action(shards[index]->multi, fd, flags, &running);
 		}
 	} while (n == EPOLL_BATCH);
 }
@@ -407,18 +474,56 @@ http_timer_fired(TimestampTz now)
 {
 	int			running;
 
-	if (has_deadline && now >= curl_deadline)
-	{
-		has_deadline = false;
-		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
-	}
+	for (int i = 0; i < nshards; i++)
+		if (shards[i]->has_deadline && now >= shards[i]->deadline)
+		{
+			shards[i]->has_deadline = false;
+			curl_multi_socket_action(shards[i]->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+		}
 }
 
 /* When curl wants to be called back, or 0 if it does not. */
 TimestampTz
 http_next_timeout(void)
 {
-	return has_deadline ? curl_deadline : 0;
+	TimestampTz next = 0;
+
+	for (int i = 0; i < nshards; i++)
+		if (shards[i]->has_deadline && (next == 0 || shards[i]->deadline < next))
+			next = shards[i]->deadline;
+	return next;
+}
+
+/* Detach a finished transfer from its multi handle and describe its result. */
+static Transfer *
+take_finished(CURLMsg *msg, void **owner, HttpResult *res)
+{
+	Transfer   *xfer;
+	curl_off_t	total_us = 0;
+	CURLcode	code = msg->data.result;	/* msg is gone after the removal */
+
+	curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &xfer);
+	curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
+	xfer->shard->in_flight--;
+	in_flight--;
+
+	memset(res, 0, sizeof(*res));
+	res->curl_code = (int) code;
+	curl_easy_getinfo(xfer->easy, CURLINFO_RESPONSE_CODE, &res->status);
+	curl_easy_getinfo(xfer->easy, CURLINFO_TOTAL_TIME_T, &total_us);
+	res->elapsed_ms = total_us / 1000;
+	res->headers = xfer->head;
+	res->headers_len = xfer->head_len;
+	res->body = xfer->body;
+	res->body_len = xfer->body_len;
+	res->too_large = xfer->too_large || code == CURLE_FILESIZE_EXCEEDED;
+	res->refused = xfer->refused;
+	if (xfer->refused)
+		res->error = pstrdup(xfer->refused_reason);
+	else if (code != CURLE_OK)
+		res->error = psprintf("%s", xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code));
+	*owner = xfer->owner;
+	return xfer;
 }
 
 /*
@@ -431,36 +536,10 @@ http_next_finished(void **owner, HttpResult *res)
 	CURLMsg    *msg;
 	int			left;
 
-	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
-	{
-		Transfer   *xfer;
-		curl_off_t	total_us = 0;
-		CURLcode	code = msg->data.result;
-
-		if (msg->msg != CURLMSG_DONE)
-			continue;
-		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &xfer);
-		curl_multi_remove_handle(multi, msg->easy_handle);
-		in_flight--;
-
-		memset(res, 0, sizeof(*res));
-		res->curl_code = (int) code;
-		curl_easy_getinfo(xfer->easy, CURLINFO_RESPONSE_CODE, &res->status);
-		curl_easy_getinfo(xfer->easy, CURLINFO_TOTAL_TIME_T, &total_us);
-		res->elapsed_ms = total_us / 1000;
-		res->headers = xfer->head;
-		res->headers_len = xfer->head_len;
-		res->body = xfer->body;
-		res->body_len = xfer->body_len;
-		res->too_large = xfer->too_large || code == CURLE_FILESIZE_EXCEEDED;
-		res->refused = xfer->refused;
-		if (xfer->refused)
-			res->error = pstrdup(xfer->refused_reason);
-		else if (code != CURLE_OK)
-			res->error = psprintf("%s", xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code));
-		*owner = xfer->owner;
-		return xfer;
-	}
+	for (int i = 0; i < nshards; i++)
+		while ((msg = curl_multi_info_read(shards[i]->multi, &left)) != NULL)
+			if (msg->msg == CURLMSG_DONE)
+				return take_finished(msg, owner, res);
 	return NULL;
 }
 
@@ -485,7 +564,8 @@ http_done(Transfer *xfer)
 void
 http_abort(Transfer *xfer)
 {
-	curl_multi_remove_handle(multi, xfer->easy);
+	curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
+	xfer->shard->in_flight--;
 	in_flight--;
 	http_done(xfer);
 }

@@ -26,7 +26,7 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
-#define MAX_RESPONSES_PER_BATCH		4096
+#define MAX_RESPONSES_PER_BATCH		512
 #define EXTENSION_POLL_MS			1000
 
 static int	my_worker;
