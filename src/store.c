@@ -121,6 +121,25 @@ copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
 }
 
 /*
+ * A tenant's room is counted from the claim's snapshot, so two workers
+ * claiming at once would each fill it.  When any tenant cap exists, claims
+ * take turns (until the claiming transaction ends), and the claim statement
+ * that follows sees the other worker's committed claims.
+ */
+static void
+take_turns_if_capped(void)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {INT4OID};
+	Datum		values[1] = {Int32GetDatum(jobloop_tenant_max_concurrency)};
+
+	store_run_plan(&plan,
+				   "SELECT pg_advisory_xact_lock(1785688949, 1)"
+				   " WHERE $1 > 0 OR EXISTS (SELECT FROM jobloop.tenant_limit)",
+				   1, types, values, NULL, SPI_OK_SELECT);
+}
+
+/*
  * Claim up to limit runnable jobs, fairly across tenants, skipping rows
  * another worker is claiming right now.  Results are copied into cxt.
  *
@@ -143,20 +162,8 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 	CStringGetTextDatum(cursor ? cursor : "")};
 	char	   *last_after = NULL;
 	char	   *last_any = NULL;
-	static SPIPlanPtr serialize_plan = NULL;
-	Oid			serialize_types[1] = {INT4OID};
 
-	/*
-	 * A tenant's room is counted from the claim's snapshot, so two workers
-	 * claiming at once would each fill it.  When any tenant cap exists,
-	 * claims take turns (until the claiming transaction ends), and this
-	 * statement's successor sees the other worker's committed claims.
-	 */
-	store_run_plan(&serialize_plan,
-				   "SELECT pg_advisory_xact_lock(1785688949, 1)"
-				   " WHERE $1 > 0 OR EXISTS (SELECT FROM jobloop.tenant_limit)",
-				   1, serialize_types, &values[3], NULL, SPI_OK_SELECT);
-
+	take_turns_if_capped();
 	store_run_plan(&plan,
 				   "WITH RECURSIVE tenants(t) AS ("
 				   "    (SELECT coalesce(tenant, '') FROM jobloop.job"
