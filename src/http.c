@@ -533,13 +533,25 @@ take_finished(CURLMsg *msg, void **owner, HttpResult *res)
 Transfer *
 http_next_finished(void **owner, HttpResult *res)
 {
+	static int	next_shard = 0;
 	CURLMsg    *msg;
 	int			left;
 
+	/*
+	 * Round robin: a turn takes a bounded number of responses, and always
+	 * starting at shard 0 would leave the last shards' responses waiting.
+	 */
 	for (int i = 0; i < nshards; i++)
-		while ((msg = curl_multi_info_read(shards[i]->multi, &left)) != NULL)
+	{
+		int			s = (next_shard + i) % nshards;
+
+		while ((msg = curl_multi_info_read(shards[s]->multi, &left)) != NULL)
 			if (msg->msg == CURLMSG_DONE)
+			{
+				next_shard = (s + 1) % nshards;
 				return take_finished(msg, owner, res);
+			}
+	}
 	return NULL;
 }
 
