@@ -45,7 +45,7 @@ jl_mock_start
 as_role() {
     local role=$1
     shift
-    "$JL_PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U "$role" \
+    "$JL_PGBIN/psql" -X -q -P pager=off -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U "$role" \
         -d "$PGDATABASE" "$@"
 }
 
@@ -190,4 +190,5 @@ if (( failed > 0 )); then
                           WHERE status <> 'completed' ORDER BY id LIMIT 10"
     exit 1
 fi
-jl_log "demo finished: all $DEMO_JOBS jobs completed in $(( wall_ms / 1000 )).$(( wall_ms % 1000 / 100 ))s"
+tenths=$(( (wall_ms + 50) / 100 ))
+jl_log "demo finished: all $DEMO_JOBS jobs completed in $(( tenths / 10 )).$(( tenths % 10 ))s"
