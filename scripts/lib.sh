@@ -95,9 +95,10 @@ _jl_run_cleanups() {
 }
 
 trap _jl_run_cleanups EXIT
-# Turn Ctrl-C / kill into a normal exit so the EXIT trap runs.
+# Turn Ctrl-C / kill / a hang-up into a normal exit so the EXIT trap runs.
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP     # a closed terminal: clean up too
 
 # True if PID exists and is not a zombie (kill -0 succeeds on zombies, which a daemon
 # whose adoptive parent has not reaped it yet can be for a moment).
