@@ -80,38 +80,7 @@ tap_diag "$JOBS jobs x $K steps = $total steps; workers $CR_WORKERS, max_in_flig
 # ---- disruptions, each after progress since the last one --------------------------
 # Thresholds (in steps) at which to strike; each also needs progress since the workers came
 # back from the previous disruption, so every restarted worker is seen to resume.
-events=("kill:jobloop worker 1" "kill:jobloop worker 2" "kill:jobloop worker 1" "restart")
-thresholds=($((total * 8 / 100)) $((total * 20 / 100)) $((total * 32 / 100)) $((total * 45 / 100)))
-after=0
-mid_run=0
-for i in "${!events[@]}"; do
-    ev=${events[i]}
-    desc="${ev/:/ -9 }"
-    [[ $ev == restart ]] && desc="pg_ctl stop -m immediate + start"
-    if ! cr_wait_progress "${thresholds[i]}" "$after" 60; then
-        tap_ok 1 "$desc after progress" "no progress past $after (threshold ${thresholds[i]}) within 60 s"
-        continue
-    fi
-    before=$(cr_progress || true)
-    unfinished=$(cr_sql "SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')" || true)
-    [[ -n "$unfinished" && "$unfinished" -gt 0 ]] && mid_run=$((mid_run + 1))
-    if [[ $ev == restart ]]; then
-        if cr_restart_immediate; then
-            tap_ok 0 "$desc at $before/$total steps ($unfinished jobs unfinished); workers back"
-        else
-            tap_ok 1 "$desc at $before/$total steps" "server or workers did not come back"
-        fi
-    else
-        if cr_kill_worker "${ev#kill:}"; then
-            tap_ok 0 "$desc (pid $CR_KILLED_PID) at $before/$total steps ($unfinished jobs unfinished); all workers restarted"
-        else
-            tap_ok 1 "$desc at $before/$total steps" "workers did not come back within 60 s: $(cr_worker_pids | tr '\n' ' ')"
-        fi
-    fi
-    after=$(cr_progress || echo 0)
-    [[ -n "$after" ]] || after=0
-done
-tap_is "$mid_run" "${#events[@]}" "every disruption struck while jobs were unfinished"
+cr_disrupt "$total" $((total * 8 / 100)) $((total * 20 / 100)) $((total * 32 / 100)) $((total * 45 / 100))
 
 # ---- everything finishes, without waiting for a lease to expire ----------------------
 t_wait=$SECONDS
