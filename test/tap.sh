@@ -17,6 +17,7 @@
 #   tap_bail MSG...               "Bail out! MSG", then exit 1
 #   tap_done                      a "# ..." summary if tests failed or the count is not
 #                                 the plan's, then exit: 0 if all is well, else 1
+#   tap_sql_ok DESC SQL [DIAG]    ok when the query returns t (needs scripts/lib.sh's jl_psql)
 
 # Sourcing twice must not reset the counts.
 if [[ -n "${_TAP_LOADED:-}" ]]; then
@@ -80,4 +81,20 @@ tap_done() {
         rc=1
     fi
     exit "$rc"
+}
+
+# tap_sql_ok DESC SQL [DIAG_SQL]: ok when SQL returns t (through jl_psql, so source
+# scripts/lib.sh first); on failure, what SQL returned and DIAG_SQL's rows explain.
+tap_sql_ok() {
+    local desc=$1 sql=$2 diag_sql=${3:-} got diag=
+    got=$(jl_psql -At -c "$sql" 2>&1) || true
+    if [[ -n "$diag_sql" ]]; then
+        diag=$(jl_psql -At -c "$diag_sql" 2>&1) || true
+    fi
+    if [[ "$got" == t ]]; then
+        tap_ok 0 "$desc" "$diag"
+    else
+        [[ "$got" == f ]] || diag="$got"$'\n'"$diag"
+        tap_ok 1 "$desc" "$diag"
+    fi
 }

@@ -29,19 +29,6 @@ if [[ "${JL_BUILD:-}" == 1 ]]; then
 fi
 
 q() { jl_psql -At -c "$1"; }
-check() {   # check DESC SQL [DIAG_SQL]: ok when SQL returns t
-    local desc=$1 sql=$2 diag_sql=${3:-} got diag=
-    got=$(q "$sql" 2>&1) || true
-    if [[ -n "$diag_sql" ]]; then
-        diag=$(q "$diag_sql" 2>&1) || true
-    fi
-    if [[ "$got" == t ]]; then
-        tap_ok 0 "$desc" "$diag"
-    else
-        [[ "$got" == f ]] || diag="$got"$'\n'"$diag"
-        tap_ok 1 "$desc" "$diag"
-    fi
-}
 
 t_start=$SECONDS
 jl_cluster_start "jobloop.workers = 2" "jobloop.max_in_flight = 100" "jobloop.hold_delay = '500ms'" >&2 \
@@ -147,24 +134,24 @@ load_log
 
 B_SQL="WITH b AS (SELECT created_at, finished_at FROM jobloop.jobs WHERE tenant = 'B'),
             bl AS (SELECT started FROM ft.log WHERE tenant = 'B')"
-check "fairness: B's job completed" \
+tap_sql_ok "fairness: B's job completed" \
     "SELECT status = 'completed' FROM jobloop.jobs WHERE tenant = 'B'" \
     "SELECT status || ' ' || coalesce(last_error, '') FROM jobloop.jobs WHERE tenant = 'B'"
 # finished_at is the finishing transaction's start: A's jobs finished in the same batch as
 # B's count as before it.  Counted from B's submission, so a slow test harness (A running
 # on before B is even submitted) cannot make it fail.
-check "fairness: B completed while A still had > 1000 of its 2000 jobs to go" \
+tap_sql_ok "fairness: B completed while A still had > 1000 of its 2000 jobs to go" \
     "$B_SQL SELECT count(*) < 1000 FROM jobloop.jobs a, b
       WHERE a.tenant = 'A' AND a.finished_at >= b.created_at AND a.finished_at <= b.finished_at" \
     "$B_SQL SELECT format('A jobs held when B was submitted: $a_held; A jobs finished after B was submitted and before it finished: %s; A jobs to go when B finished: %s',
                           count(*) FILTER (WHERE a.finished_at >= b.created_at AND a.finished_at <= b.finished_at),
                           count(*) FILTER (WHERE a.finished_at > b.finished_at)) FROM jobloop.jobs a, b WHERE a.tenant = 'A'"
-check "fairness: the API got fewer than 1000 of A's calls between B's submission and B's call" \
+tap_sql_ok "fairness: the API got fewer than 1000 of A's calls between B's submission and B's call" \
     "$B_SQL SELECT count(*) < 1000 AND (SELECT count(*) FROM bl) = 1 FROM ft.log l, b, bl
       WHERE l.tenant = 'A' AND l.started >= extract(epoch FROM b.created_at) AND l.started < bl.started" \
     "$B_SQL SELECT format('A calls started in between: %s; A calls in all: %s', count(*) FILTER (WHERE l.started < bl.started),
                           count(*)) FROM ft.log l, b, bl WHERE l.tenant = 'A' AND l.started >= extract(epoch FROM b.created_at)"
-check "fairness: all 2000 of A's jobs completed, one call each" \
+tap_sql_ok "fairness: all 2000 of A's jobs completed, one call each" \
     "SELECT (SELECT count(*) FROM jobloop.jobs WHERE tenant = 'A' AND status = 'completed') = 2000
         AND (SELECT count(*) FROM ft.log WHERE tenant = 'A') = 2000" \
     "SELECT 'A jobs: ' || string_agg(status || ' ' || n, ', ') FROM (SELECT status, count(*) n FROM jobloop.jobs WHERE tenant = 'A' GROUP BY 1) s
@@ -179,13 +166,13 @@ submit capped 30
 submit free 30
 wait_done 60 capped free || true
 load_log
-check "cap: all 30 of capped's jobs completed" \
+tap_sql_ok "cap: all 30 of capped's jobs completed" \
     "SELECT count(*) = 30 FROM jobloop.jobs WHERE tenant = 'capped' AND status = 'completed'" \
     "SELECT status || ' ' || count(*) FROM jobloop.jobs WHERE tenant = 'capped' GROUP BY status"
-check "cap: the API never had more than 3 of capped's calls at once (free, uncapped: more)" \
+tap_sql_ok "cap: the API never had more than 3 of capped's calls at once (free, uncapped: more)" \
     "SELECT ft.overlap('capped') <= 3 AND ft.overlap('free') > 3" \
     "SELECT 'most calls in flight at once: capped ' || ft.overlap('capped') || ', free ' || ft.overlap('free')"
-check "cap: jobloop.jobs never showed more than 3 of capped's jobs held by workers" \
+tap_sql_ok "cap: jobloop.jobs never showed more than 3 of capped's jobs held by workers" \
     "SELECT ft.held_max('capped') <= 3 AND count(*) > 0 FROM ft.sample WHERE tenant = 'capped'" \
     "SELECT 'most held at once: ' || ft.held_max('capped') || ' in ' || count(*) || ' samples' FROM ft.sample WHERE tenant = 'capped'"
 
@@ -205,16 +192,16 @@ q "SELECT count(jobloop.submit('ft', jsonb_build_object('base', '$JL_MOCK_URL', 
         'tenant', 'capped_again', 'j', g), 'capped')) FROM generate_series(1, 10) g" >/dev/null
 wait_done 60 dflt own5 capped || true
 load_log
-check "default cap: jobloop.tenant_max_concurrency = 2 holds for a tenant without its own limit" \
+tap_sql_ok "default cap: jobloop.tenant_max_concurrency = 2 holds for a tenant without its own limit" \
     "SELECT ft.overlap('dflt') <= 2 AND ft.held_max('dflt') <= 2
         AND (SELECT count(*) FROM jobloop.jobs WHERE tenant = 'dflt' AND status = 'completed') = 12" \
     "SELECT format('dflt: most calls at once %s, most held %s, completed %s', ft.overlap('dflt'), ft.held_max('dflt'),
                    (SELECT count(*) FROM jobloop.jobs WHERE tenant = 'dflt' AND status = 'completed'))"
-check "own limit: set_tenant_limit(own5, 5) overrides the default of 2 (<= 5 at once, and > 2)" \
+tap_sql_ok "own limit: set_tenant_limit(own5, 5) overrides the default of 2 (<= 5 at once, and > 2)" \
     "SELECT ft.overlap('own5') BETWEEN 3 AND 5 AND ft.held_max('own5') <= 5
         AND (SELECT count(*) FROM jobloop.jobs WHERE tenant = 'own5' AND status = 'completed') = 20" \
     "SELECT format('own5: most calls at once %s, most held %s', ft.overlap('own5'), ft.held_max('own5'))"
-check "NULL removes a tenant's limit: capped falls back to the default of 2" \
+tap_sql_ok "NULL removes a tenant's limit: capped falls back to the default of 2" \
     "SELECT ft.overlap('capped_again') <= 2 AND ft.held_max('capped') <= 2
         AND (SELECT count(*) FROM jobloop.jobs WHERE tenant = 'capped' AND status = 'completed') = 40" \
     "SELECT format('capped: most calls at once %s, most held %s', ft.overlap('capped_again'), ft.held_max('capped'))"
@@ -238,12 +225,12 @@ jl_wait_for 10 _all_sleeping && sleeping=1
 wait_done 20 sleepy || true
 tap_ok "$(( sleeping == 1 ? 0 : 1 ))" "long delay: all 6 of sleepy's jobs waited out their delay at once, unheld (cap 2)" \
     "$(q "SELECT id || ' ' || status || ' worker ' || coalesce(worker::text, '-') || ' run_after ' || run_after FROM jobloop.jobs WHERE tenant = 'sleepy'")"
-check "long delay: all 6 completed, never more than 2 held at once" \
+tap_sql_ok "long delay: all 6 completed, never more than 2 held at once" \
     "SELECT ft.held_max('sleepy') <= 2 AND (SELECT count(*) FROM jobloop.jobs WHERE tenant = 'sleepy' AND status = 'completed') = 6" \
     "SELECT 'most held at once: ' || ft.held_max('sleepy')
      UNION ALL SELECT status || ' ' || count(*) FROM jobloop.jobs WHERE tenant = 'sleepy' GROUP BY status"
 
-check "both workers are still running" \
+tap_sql_ok "both workers are still running" \
     "SELECT count(*) = 2 FROM pg_stat_activity WHERE application_name LIKE 'jobloop worker %'" ""
 
 tap_diag "fairness.sh ran in $((SECONDS - t_start)) s"

@@ -40,20 +40,6 @@ fi
 
 # q SQL: one value (or rows) from the cluster, unaligned, tuples only.
 q() { jl_psql -At -c "$1"; }
-# check DESC SQL [DIAG_SQL]: ok when SQL returns t; on failure DIAG_SQL's rows explain.
-check() {
-    local desc=$1 sql=$2 diag_sql=${3:-} got diag=
-    got=$(q "$sql" 2>&1) || true
-    if [[ -n "$diag_sql" ]]; then
-        diag=$(q "$diag_sql" 2>&1) || true
-    fi
-    if [[ "$got" == t ]]; then
-        tap_ok 0 "$desc" "$diag"
-    else
-        [[ "$got" == f ]] || diag="$got"$'\n'"$diag"
-        tap_ok 1 "$desc" "$diag"
-    fi
-}
 
 t_start=$SECONDS
 jl_cluster_start "jobloop.workers = 2" "jobloop.max_in_flight = 30" \
@@ -236,21 +222,21 @@ wait_done rate 30 "INSERT INTO lt.sample (tag, what, v)
       FROM jobloop.limits WHERE endpoint = '$EP1'" || true
 load_log
 
-check "rate: 100 jobs, held by both workers, all completed and sent once each" \
+tap_sql_ok "rate: 100 jobs, held by both workers, all completed and sent once each" \
     "SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = 'rate' AND status = 'completed') = 100
         AND (SELECT count(*) FROM lt.log WHERE tag = 'rate') = 100
         AND (SELECT count(DISTINCT v) FROM lt.sample WHERE tag = 'rate' AND what = 'worker') = 2" \
     "SELECT 'jobs by status: ' || string_agg(status || ' ' || n, ', ') FROM (SELECT status, count(*) n FROM jobloop.jobs WHERE state->>'tag' = 'rate' GROUP BY 1) s
      UNION ALL SELECT 'requests logged: ' || count(*) FROM lt.log WHERE tag = 'rate'
      UNION ALL SELECT 'workers seen holding jobs: ' || coalesce(string_agg(DISTINCT v, ','), 'none') FROM lt.sample WHERE tag = 'rate' AND what = 'worker'"
-check "rate: every 1-second window aligned on the first request has <= max_rate + 1 ($((RATE + 1))) requests" \
+tap_sql_ok "rate: every 1-second window aligned on the first request has <= max_rate + 1 ($((RATE + 1))) requests" \
     "SELECT max(n) <= $RATE + 1 FROM lt.aligned('rate')" "SELECT lt.aligned_text('rate')"
-check "rate: every sliding 1-second window has <= max_rate + burst + 1 ($(bound $RATE)) requests" \
+tap_sql_ok "rate: every sliding 1-second window has <= max_rate + burst + 1 ($(bound $RATE)) requests" \
     "SELECT lt.sliding_max('rate') <= $(bound $RATE)" \
     "SELECT lt.sliding_busiest('rate') UNION ALL SELECT lt.aligned_text('rate')"
 # The view, sampled every 0.1 s: it counts in 100 ms slices, so its "last second" is a
 # window of 0.9 to 1 s, under the same bound.
-check "rate: jobloop.limits showed max_rate $RATE, allowed_rate <= $RATE, requests_last_second <= $(bound $RATE)" \
+tap_sql_ok "rate: jobloop.limits showed max_rate $RATE, allowed_rate <= $RATE, requests_last_second <= $(bound $RATE)" \
     "SELECT count(*) > 0 AND bool_and(split_part(v, ' ', 1)::real = $RATE AND split_part(v, ' ', 2)::numeric <= $RATE
                                       AND split_part(v, ' ', 3)::int <= $(bound $RATE))
        FROM lt.sample WHERE tag = 'rate' AND what = 'view'" \
@@ -270,26 +256,26 @@ submit lt 100 "jsonb_build_object('base', '$JL_MOCK_URL2', 'path', '/json', 'tag
 wait_done ramp2 20 || true
 load_log
 
-check "ramp: 300 jobs completed, one request each" \
+tap_sql_ok "ramp: 300 jobs completed, one request each" \
     "SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' IN ('ramp1', 'ramp2') AND status = 'completed') = 300
         AND (SELECT count(*) FROM lt.log WHERE tag IN ('ramp1', 'ramp2') AND addr = '127.0.0.2') = 300" \
     "SELECT 'requests logged: ' || count(*) FROM lt.log WHERE tag IN ('ramp1', 'ramp2')"
 # Upper bound: ~12.5 (+1 token, +1 jitter) can leave in the first second; without a ramp it
 # would be 50.  A slow machine only sends fewer.
-check "ramp: the first second after a fresh limit has < max_rate / 2 requests" \
+tap_sql_ok "ramp: the first second after a fresh limit has < max_rate / 2 requests" \
     "SELECT n < $MAXR / 2 FROM lt.aligned('ramp1') WHERE w = 0" "SELECT lt.aligned_text('ramp1')"
 # Climbs: some later second (the 3rd or 4th, where 42.5 and 50 may leave) sees more
 # requests than the first (at most ~14).  Only the comparison is asserted, not a rate.
-check "ramp: it climbs (the 3rd or 4th second has more requests than the first)" \
+tap_sql_ok "ramp: it climbs (the 3rd or 4th second has more requests than the first)" \
     "SELECT (SELECT max(n) FROM lt.aligned('ramp1') WHERE w IN (2, 3)) > (SELECT n FROM lt.aligned('ramp1') WHERE w = 0)" \
     "SELECT lt.aligned_text('ramp1')"
 # Burst = max(1, 0.05 * 50) = 2.5 tokens.
 # Every window, aligned or not, under bound(50) = 50 + 2.5 + 3 = 55 (see the rate section).
-check "ramp: max_rate holds (every sliding 1-second window has <= $(bound $MAXR) requests)" \
+tap_sql_ok "ramp: max_rate holds (every sliding 1-second window has <= $(bound $MAXR) requests)" \
     "SELECT lt.sliding_max('ramp1') <= $(bound $MAXR) AND lt.sliding_max('ramp2') <= $(bound $MAXR)" \
     "SELECT lt.aligned_text('ramp1') UNION ALL SELECT lt.sliding_busiest('ramp1')
      UNION ALL SELECT lt.aligned_text('ramp2') UNION ALL SELECT lt.sliding_busiest('ramp2')"
-check "ramp: after >= 1 s idle it starts low again (first second < max_rate / 2)" \
+tap_sql_ok "ramp: after >= 1 s idle it starts low again (first second < max_rate / 2)" \
     "SELECT n < $MAXR / 2 FROM lt.aligned('ramp2') WHERE w = 0" "SELECT lt.aligned_text('ramp2')"
 
 # ==== concurrency ===========================================================================
@@ -306,18 +292,18 @@ wait_done conc 20 "INSERT INTO lt.sample (tag, what, v)
     SELECT 'conc', 'holders', count(DISTINCT worker)::text FROM jobloop.jobs WHERE state->>'tag' = 'conc' AND worker IS NOT NULL" || true
 load_log
 
-check "concurrency control: without a limit the same kind of load overlaps > $CONC" \
+tap_sql_ok "concurrency control: without a limit the same kind of load overlaps > $CONC" \
     "SELECT lt.overlap('conc0') > $CONC" "SELECT 'most in flight at once: ' || lt.overlap('conc0')"
-check "concurrency: 48 jobs, held by both workers, completed, one request each" \
+tap_sql_ok "concurrency: 48 jobs, held by both workers, completed, one request each" \
     "SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = 'conc' AND status = 'completed') = 48
         AND (SELECT count(*) FROM lt.log WHERE tag = 'conc') = 48
         AND (SELECT max(v::int) FROM lt.sample WHERE tag = 'conc' AND what = 'holders') = 2" \
     "SELECT 'requests logged: ' || count(*) FROM lt.log WHERE tag = 'conc'
      UNION ALL SELECT 'workers seen holding jobs at once: ' || max(v) FROM lt.sample WHERE tag = 'conc' AND what = 'holders'"
-check "concurrency: the API never had more than max_concurrency ($CONC) calls in flight" \
+tap_sql_ok "concurrency: the API never had more than max_concurrency ($CONC) calls in flight" \
     "SELECT lt.overlap('conc') <= $CONC" \
     "SELECT 'most in flight at once (access log): ' || lt.overlap('conc')"
-check "concurrency: jobloop.limits never showed in_flight > $CONC" \
+tap_sql_ok "concurrency: jobloop.limits never showed in_flight > $CONC" \
     "SELECT coalesce(max(v::int), 0) <= $CONC FROM lt.sample WHERE tag = 'conc' AND what = 'in_flight'" \
     "SELECT 'in_flight samples: ' || string_agg(v, ' ' ORDER BY at) FROM lt.sample WHERE tag = 'conc' AND what = 'in_flight'"
 
@@ -336,7 +322,7 @@ submit lt 12 "jsonb_build_object('base', '$JL_MOCK_URL', 'path', '/delay?s=0.3',
                                   'rate_key', 'lt-drop')" >/dev/null
 wait_done dropafter 20 || true
 load_log
-check "drop_limit on a busy endpoint lifts the limit (later calls overlap > the old max_concurrency 2)" \
+tap_sql_ok "drop_limit on a busy endpoint lifts the limit (later calls overlap > the old max_concurrency 2)" \
     "SELECT lt.overlap('dropafter') > 2 AND $dropped_busy >= 1" \
     "SELECT 'calls in flight when the limit was dropped: $dropped_busy; most in flight at once before: '
             || lt.overlap('dropbusy') || ', after: ' || lt.overlap('dropafter')"
@@ -359,12 +345,12 @@ wait_done p429 30 "INSERT INTO lt.sample (tag, what, v)
 wait_done bg429 30 || true
 load_log
 
-check "429: the jobs failed with \"HTTP 429 Too Many Requests after 2 attempts\"" \
+tap_sql_ok "429: the jobs failed with \"HTTP 429 Too Many Requests after 2 attempts\"" \
     "SELECT count(*) = 3 FROM jobloop.jobs WHERE state->>'tag' = 'p429' AND status = 'failed'
         AND last_error = 'HTTP 429 Too Many Requests after 2 attempts' AND attempts = 2" \
     "SELECT id || ' ' || status || ' attempts ' || attempts || ': ' || coalesce(last_error, '-') FROM jobloop.jobs WHERE state->>'tag' = 'p429'"
 # Grouped by Idempotency-Key: the retry of a step reuses its key.
-check "429: each job's retry (same Idempotency-Key) started >= Retry-After (2 s) after its 429 (50 ms slack)" \
+tap_sql_ok "429: each job's retry (same Idempotency-Key) started >= Retry-After (2 s) after its 429 (50 ms slack)" \
     "SELECT count(*) = 3 AND bool_and(n = 2 AND gap >= 1.95) FROM (
         SELECT key, count(*) n, max(started) - min(ended) gap FROM lt.log WHERE tag = 'p429' GROUP BY key) x" \
     "SELECT 'key ' || key || ': ' || count(*) || ' requests, retry ' || round(max(started) - min(ended), 3) || ' s after the first 429'
@@ -378,7 +364,7 @@ check "429: each job's retry (same Idempotency-Key) started >= Retry-After (2 s)
 # the end.  Sampling can only make U later, never invalid.
 PAUSE_SQL="WITH w AS (SELECT min(v::numeric) - 2 AS p, min(v::numeric) - 2 + 0.1 AS lo, min(v::numeric) - 0.05 AS hi
                         FROM lt.sample WHERE tag = 'p429' AND what = 'paused_until')"
-check "429: the endpoint got no request (from any job) while paused for Retry-After (2 s)" \
+tap_sql_ok "429: the endpoint got no request (from any job) while paused for Retry-After (2 s)" \
     "$PAUSE_SQL SELECT w.p IS NOT NULL
         AND (SELECT count(*) FROM lt.log l WHERE l.addr = '127.0.0.1' AND l.started > w.lo AND l.started < w.hi) = 0
        FROM w" \
@@ -387,7 +373,7 @@ check "429: the endpoint got no request (from any job) while paused for Retry-Af
      UNION ALL SELECT format('request started at P + %s: %s', round(l.started - w.p, 3), l.uri)
        FROM w, lt.log l WHERE l.addr = '127.0.0.1' AND l.started > w.p - 0.2 AND l.started < w.p + 2.2
         AND NOT (l.tag = 'bg429' AND l.started < w.p)"
-check "429: the other jobs (held by both workers) resumed after the pause and all completed" \
+tap_sql_ok "429: the other jobs (held by both workers) resumed after the pause and all completed" \
     "$PAUSE_SQL SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = 'bg429' AND status = 'completed') = 40
         AND (SELECT max(v::int) FROM lt.sample WHERE tag = 'bg429' AND what = 'holders') = 2
         AND (SELECT count(*) FROM lt.log l, w WHERE l.tag = 'bg429' AND l.started < w.p) > 0
@@ -396,18 +382,18 @@ check "429: the other jobs (held by both workers) resumed after the pause and al
      UNION ALL SELECT 'workers seen holding them at once: ' || max(v) FROM lt.sample WHERE tag = 'bg429' AND what = 'holders'"
 # The endpoint has no limit (the concurrency phase's was dropped): once the pause is over,
 # the 40 background jobs, all due, go at once, not max_concurrency 4 at a time.
-check "429: after the pause the endpoint (no limit) is not held to a dropped limit (overlap > $CONC)" \
+tap_sql_ok "429: after the pause the endpoint (no limit) is not held to a dropped limit (overlap > $CONC)" \
     "$PAUSE_SQL SELECT lt.overlap('bg429', (SELECT hi FROM w)) > $CONC" \
     "$PAUSE_SQL SELECT 'most background calls in flight at once after the pause: ' || lt.overlap('bg429', (SELECT hi FROM w))
                       || ', before: ' || lt.overlap('bg429') FROM w"
-check "429: jobloop.limits showed the pause (paused_until) while it lasted" \
+tap_sql_ok "429: jobloop.limits showed the pause (paused_until) while it lasted" \
     "SELECT count(*) > 0 FROM lt.sample WHERE tag = 'p429' AND what = 'paused_until'" ""
 
 # Attempts run out without Retry-After: the kind's max_attempts (5 for kind lt).
 submit lt 1 "jsonb_build_object('base', '$JL_MOCK_URL', 'path', '/status/429', 'tag', 'p429b', 'j', g)" >/dev/null
 wait_done p429b 15 || true
 load_log
-check "429: out of attempts, the job fails with \"HTTP 429 Too Many Requests after 5 attempts\" (5 requests)" \
+tap_sql_ok "429: out of attempts, the job fails with \"HTTP 429 Too Many Requests after 5 attempts\" (5 requests)" \
     "SELECT (SELECT last_error = 'HTTP 429 Too Many Requests after 5 attempts' AND status = 'failed'
                FROM jobloop.jobs WHERE state->>'tag' = 'p429b')
         AND (SELECT count(*) FROM lt.log WHERE tag = 'p429b') = 5" \
@@ -423,7 +409,7 @@ _long_retry_planned() {
 }
 jl_wait_for 30 _long_retry_planned || true
 load_log
-check "429: Retry-After 7200 pauses the endpoint and delays the retry by 1 h (the cap), not 2 h" \
+tap_sql_ok "429: Retry-After 7200 pauses the endpoint and delays the retry by 1 h (the cap), not 2 h" \
     "SELECT (SELECT paused_until BETWEEN to_timestamp(t) + interval '3600 s' AND to_timestamp(t) + interval '3610 s'
                FROM jobloop.limits WHERE endpoint = 'lt-long')
         AND (SELECT run_after BETWEEN to_timestamp(t) + interval '3600 s' AND to_timestamp(t) + interval '3610 s'
@@ -458,7 +444,7 @@ storm() {   # storm TAG RATE_KEY RAMP_SQL
 }
 storm_checks() {    # storm_checks TAG WHAT
     local tag=$1 what=$2
-    check "$what: every job failed with \"HTTP 503 Service Unavailable after 4 attempts\", 4 requests per Idempotency-Key" \
+    tap_sql_ok "$what: every job failed with \"HTTP 503 Service Unavailable after 4 attempts\", 4 requests per Idempotency-Key" \
         "SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = '$tag' AND status = 'failed'
                    AND last_error = 'HTTP 503 Service Unavailable after 4 attempts') = 30
             AND (SELECT count(*) = 30 AND bool_and(n = 4) FROM (SELECT key, count(*) n FROM lt.log WHERE tag = '$tag' GROUP BY key) x)" \
@@ -466,14 +452,14 @@ storm_checks() {    # storm_checks TAG WHAT
          UNION ALL SELECT 'requests logged: ' || count(*) FROM lt.log WHERE tag = '$tag'"
     # The attempts of a job's step share its Idempotency-Key.  The wait after attempt a
     # (its end to the next one's start) >= 100 ms * 2^(a-1) / 2, less 5 ms for ms rounding.
-    check "$what: each job backs off exponentially (wait after attempt a >= 50 ms * 2^(a-1))" \
+    tap_sql_ok "$what: each job backs off exponentially (wait after attempt a >= 50 ms * 2^(a-1))" \
         "SELECT bool_and(gap >= 0.05 * 2 ^ (a - 1) - 0.005) FROM (
             SELECT lead(started) OVER w - ended AS gap, row_number() OVER w AS a
               FROM lt.log WHERE tag = '$tag' WINDOW w AS (PARTITION BY key ORDER BY started)) x WHERE gap IS NOT NULL" \
         "SELECT 'shortest wait after attempt ' || a || ': ' || round(min(gap), 3) || ' s (at least ' || 0.05 * 2 ^ (a - 1) || ')' FROM (
             SELECT lead(started) OVER w - ended AS gap, row_number() OVER w AS a
               FROM lt.log WHERE tag = '$tag' WINDOW w AS (PARTITION BY key ORDER BY started)) x WHERE gap IS NOT NULL GROUP BY a ORDER BY a"
-    check "$what: the endpoint's rate is cut (every sliding 1 s window has <= max_rate / 2 = 50 requests)" \
+    tap_sql_ok "$what: the endpoint's rate is cut (every sliding 1 s window has <= max_rate / 2 = 50 requests)" \
         "SELECT lt.sliding_max('$tag') <= 50" \
         "SELECT lt.sliding_busiest('$tag') UNION ALL SELECT lt.aligned_text('$tag')"
 }
@@ -484,7 +470,7 @@ storm_checks storm1 "503 storm (ramp 0.5 s)"
 storm_checks storm2 "503 storm (no ramp)"
 
 # ==== the workers are fine ==================================================================
-check "both workers are still running" \
+tap_sql_ok "both workers are still running" \
     "SELECT count(*) = 2 FROM pg_stat_activity WHERE application_name LIKE 'jobloop worker %'" \
     "SELECT application_name || ' ' || coalesce(state, '') FROM pg_stat_activity WHERE backend_type LIKE '%jobloop%' OR application_name LIKE 'jobloop%'"
 
