@@ -370,7 +370,9 @@ advance_isolated(Advance *a)
 	MemoryContextSwitchTo(batch_cxt);
 	PG_TRY();
 	{
+		logic_begin_job();
 		advance(a);
+		logic_end_job(false);
 		if (TransactionIdIsValid(GetCurrentTransactionIdIfAny()))
 			writing_subxacts++;
 		ReleaseCurrentSubTransaction();
@@ -385,6 +387,7 @@ advance_isolated(Advance *a)
 		edata = CopyErrorData();
 		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();
+		logic_end_job(true);
 		MemoryContextSwitchTo(batch_cxt);
 		CurrentResourceOwner = owner;
 		disable_timeout(STATEMENT_TIMEOUT, false);

@@ -98,7 +98,8 @@ define_gucs(void)
 							"Largest response body a job may receive.",
 							NULL,
 							&jobloop_max_response_size,
-							10 * 1024 * 1024, 1024, INT_MAX,
+							/* a response becomes jsonb, which holds < 256 MB */
+							10 * 1024 * 1024, 1024, 128 * 1024 * 1024,
 							PGC_SIGHUP,
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);

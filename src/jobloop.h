@@ -187,6 +187,8 @@ extern Jsonb *logic_request(Kind *kind, Oid owner, Jsonb *state, bool *finished)
 extern Jsonb *logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response);
 extern bool logic_done(Kind *kind, Oid owner, Jsonb *state);
 extern void logic_capture_search_path(void);
+extern void logic_begin_job(void);
+extern void logic_end_job(bool aborted);
 
 /* ---- store.c: every statement the worker runs ---- */
 typedef struct ClaimedJob

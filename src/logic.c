@@ -6,9 +6,11 @@
  * Each call runs as the role that submitted the job, inside a
  * security-restricted operation (no temp objects, cursors or role changes
  * that could outlive the call and leak into another role's job, which
- * shares this worker's session), with its GUC changes undone afterwards and
- * under jobloop.function_timeout.  The caller wraps a job's calls in a
- * subtransaction, so an error here fails that job alone; on error the
+ * shares this worker's session), under jobloop.function_timeout.  The caller
+ * wraps one job's calls (done, request, step) in a subtransaction and in
+ * logic_begin_job() / logic_end_job(): the switch to the owner and the GUC
+ * level whose changes are undone afterwards are made once per job, not per
+ * call (each costs a walk over every GUC in PostgreSQL 15).  On error the
  * subtransaction's abort restores the user, the GUCs and the timeout.
  *
  * The functions are called through cached FmgrInfo, not SQL: the executor's
@@ -20,18 +22,24 @@
 #include "jobloop.h"
 
 #include "miscadmin.h"
+#include "catalog/pg_proc.h"
 #include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/guc.h"
 #include "utils/regproc.h"
 #include "utils/syscache.h"
 #include "utils/timeout.h"
 
-typedef struct UserCall
+/* the job whose owner we run as now, between logic_begin_job and logic_end_job */
+static struct
 {
+	bool		active;			/* switched to the owner */
+	Oid			owner;
 	Oid			saved_userid;
 	int			saved_sec_context;
 	int			saved_nestlevel;
-} UserCall;
+}			as_owner;
 
 /* the search_path the database gives sessions, for the business logic */
 static char *user_search_path = NULL;
@@ -40,6 +48,30 @@ void
 logic_capture_search_path(void)
 {
 	user_search_path = MemoryContextStrdup(TopMemoryContext, GetConfigOption("search_path", false, false));
+}
+
+/*
+ * "schema.name(argtypes)" for messages, the same whichever search_path is
+ * in force (the worker's or the job owner's).
+ */
+static char *
+function_name(Oid fn)
+{
+	HeapTuple	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	Form_pg_proc proc;
+	StringInfoData buf;
+
+	if (!HeapTupleIsValid(tup))
+		return psprintf("%u", fn);
+	proc = (Form_pg_proc) GETSTRUCT(tup);
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "%s(", quote_qualified_identifier(get_namespace_name(proc->pronamespace),
+															NameStr(proc->proname)));
+	for (int i = 0; i < proc->pronargs; i++)
+		appendStringInfo(&buf, "%s%s", i > 0 ? "," : "", format_type_be(proc->proargtypes.values[i]));
+	appendStringInfoChar(&buf, ')');
+	ReleaseSysCache(tup);
+	return buf.data;
 }
 
 static void
@@ -57,7 +89,7 @@ check_callable(Kind *kind, Oid fn, Oid owner, const char *what)
 	if (pg_proc_aclcheck(fn, owner, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied for function %s", format_procedure(fn)),
+				 errmsg("permission denied for function %s", function_name(fn)),
 				 errdetail("The job runs as role \"%s\".", GetUserNameFromId(owner, false))));
 }
 
@@ -73,25 +105,61 @@ ensure_fmgr(Kind *kind)
 	kind->fmgr_valid = true;
 }
 
+/* Run as owner until logic_end_job(); a no-op when we already do. */
 static void
-begin_call(UserCall *cxt, Kind *kind, Oid fn, Oid owner, const char *what)
+switch_to_owner(Oid owner)
 {
-	check_callable(kind, fn, owner, what);
-	ensure_fmgr(kind);
-	GetUserIdAndSecContext(&cxt->saved_userid, &cxt->saved_sec_context);
-	SetUserIdAndSecContext(owner, cxt->saved_sec_context |
+	if (as_owner.active)
+	{
+		Assert(as_owner.owner == owner);
+		return;
+	}
+	GetUserIdAndSecContext(&as_owner.saved_userid, &as_owner.saved_sec_context);
+	SetUserIdAndSecContext(owner, as_owner.saved_sec_context |
 						   SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-	cxt->saved_nestlevel = NewGUCNestLevel();
+	as_owner.saved_nestlevel = NewGUCNestLevel();
 	/* the worker pins its own search_path; the job gets the database's */
 	if (user_search_path)
 		(void) set_config_option("search_path", user_search_path, PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
+	as_owner.owner = owner;
+	as_owner.active = true;
+}
+
+/* Before a job's calls, inside the subtransaction that wraps them. */
+void
+logic_begin_job(void)
+{
+	as_owner.active = false;
+}
+
+/*
+ * After a job's calls: back to the worker's own user and GUCs.  After an
+ * error the subtransaction's abort has done that already (aborted = true).
+ */
+void
+logic_end_job(bool aborted)
+{
+	if (as_owner.active && !aborted)
+	{
+		AtEOXact_GUC(true, as_owner.saved_nestlevel);
+		SetUserIdAndSecContext(as_owner.saved_userid, as_owner.saved_sec_context);
+	}
+	as_owner.active = false;
+}
+
+static void
+begin_call(Kind *kind, Oid fn, Oid owner, const char *what)
+{
+	check_callable(kind, fn, owner, what);
+	ensure_fmgr(kind);
+	switch_to_owner(owner);
 	if (jobloop_function_timeout > 0)
 		enable_timeout_after(STATEMENT_TIMEOUT, jobloop_function_timeout);
 }
 
 static void
-end_call(UserCall *cxt)
+end_call(void)
 {
 	if (jobloop_function_timeout > 0)
 	{
@@ -100,8 +168,6 @@ end_call(UserCall *cxt)
 		if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
 			QueryCancelPending = false;
 	}
-	AtEOXact_GUC(true, cxt->saved_nestlevel);
-	SetUserIdAndSecContext(cxt->saved_userid, cxt->saved_sec_context);
 }
 
 static Datum
@@ -131,7 +197,7 @@ object_result(Kind *kind, Oid fn, Datum result, bool isnull, const char *what)
 	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
-				 errmsg("%s function %s must return a JSON object", what, format_procedure(fn))));
+				 errmsg("%s function %s must return a JSON object", what, function_name(fn))));
 	return jb;
 }
 
@@ -139,13 +205,12 @@ object_result(Kind *kind, Oid fn, Datum result, bool isnull, const char *what)
 Jsonb *
 logic_request(Kind *kind, Oid owner, Jsonb *state, bool *finished)
 {
-	UserCall cxt;
 	Datum		result;
 	bool		isnull;
 
-	begin_call(&cxt, kind, kind->request_fn, owner, "request");
+	begin_call(kind, kind->request_fn, owner, "request");
 	result = call_function(&kind->request_finfo, 1, JsonbPGetDatum(state), (Datum) 0, &isnull);
-	end_call(&cxt);
+	end_call();
 	*finished = isnull;
 	return object_result(kind, kind->request_fn, result, isnull, "request");
 }
@@ -153,19 +218,18 @@ logic_request(Kind *kind, Oid owner, Jsonb *state, bool *finished)
 Jsonb *
 logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response)
 {
-	UserCall cxt;
 	Datum		result;
 	bool		isnull;
 	Jsonb	   *new_state;
 
-	begin_call(&cxt, kind, kind->step_fn, owner, "step");
+	begin_call(kind, kind->step_fn, owner, "step");
 	result = call_function(&kind->step_finfo, 2, JsonbPGetDatum(state), JsonbPGetDatum(response), &isnull);
-	end_call(&cxt);
+	end_call();
 	new_state = object_result(kind, kind->step_fn, result, isnull, "step");
 	if (new_state == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("step function %s returned NULL", format_procedure(kind->step_fn)),
+				 errmsg("step function %s returned NULL", function_name(kind->step_fn)),
 				 errhint("A step function returns the job's new state, a JSON object.")));
 	return new_state;
 }
@@ -173,14 +237,13 @@ logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response)
 bool
 logic_done(Kind *kind, Oid owner, Jsonb *state)
 {
-	UserCall cxt;
 	Datum		result;
 	bool		isnull;
 
 	if (!OidIsValid(kind->done_fn))
 		return false;
-	begin_call(&cxt, kind, kind->done_fn, owner, "done");
+	begin_call(kind, kind->done_fn, owner, "done");
 	result = call_function(&kind->done_finfo, 1, JsonbPGetDatum(state), (Datum) 0, &isnull);
-	end_call(&cxt);
+	end_call();
 	return !isnull && DatumGetBool(result);
 }

@@ -314,17 +314,24 @@ request_free(HttpRequest *req)
 /* ---- responses ---- */
 
 /*
- * Append text as a JSON string, replacing what a jsonb string cannot hold
- * (NUL bytes, invalid encoding) so a binary or garbled body still reaches
- * the step function.
+ * Text as a jsonb string: what a jsonb string cannot hold (NUL bytes,
+ * invalid encoding) is replaced, so a binary or garbled body still reaches
+ * the step function.  Clean text, the usual case, is used in place.
  */
 static void
-append_text_json(StringInfo buf, const char *s, size_t len)
+text_value(JsonbValue *v, const char *s, size_t len)
 {
 	StringInfoData clean;
 	int			enc = GetDatabaseEncoding();
 	size_t		i = 0;
 
+	v->type = jbvString;
+	if (memchr(s, '\0', len) == NULL && pg_verifymbstr(s, (int) len, true))
+	{
+		v->val.string.val = (char *) s;
+		v->val.string.len = (int) len;
+		return;
+	}
 	initStringInfo(&clean);
 	while (i < len)
 	{
@@ -347,8 +354,8 @@ append_text_json(StringInfo buf, const char *s, size_t len)
 			i++;
 		}
 	}
-	escape_json(buf, clean.data);
-	pfree(clean.data);
+	v->val.string.val = clean.data;
+	v->val.string.len = clean.len;
 }
 
 static bool
@@ -455,46 +462,106 @@ response_retry_after_ms(const HttpResult *res)
 	return Min(Max((int64) (when - time(NULL)) * 1000, 0), max_ms);
 }
 
+static void
+push_key(JsonbParseState **ps, const char *key)
+{
+	JsonbValue	v;
+
+	v.type = jbvString;
+	v.val.string.val = (char *) key;
+	v.val.string.len = strlen(key);
+	(void) pushJsonbValue(ps, WJB_KEY, &v);
+}
+
+static void
+push_number(JsonbParseState **ps, const char *key, int64 n)
+{
+	JsonbValue	v;
+
+	push_key(ps, key);
+	v.type = jbvNumeric;
+	v.val.numeric = int64_to_numeric(n);
+	(void) pushJsonbValue(ps, WJB_VALUE, &v);
+}
+
+static void
+push_null(JsonbParseState **ps, const char *key)
+{
+	JsonbValue	v;
+
+	push_key(ps, key);
+	v.type = jbvNull;
+	(void) pushJsonbValue(ps, WJB_VALUE, &v);
+}
+
+static void
+push_text(JsonbParseState **ps, const char *key, const char *s, size_t len)
+{
+	JsonbValue	v;
+
+	push_key(ps, key);
+	text_value(&v, s, len);
+	(void) pushJsonbValue(ps, WJB_VALUE, &v);
+}
+
+/*
+ * The response, built as jsonb directly: only a JSON body is parsed (once
+ * validated, so nothing here can fail on what the API sent); headers and
+ * text bodies are never escaped into JSON text and parsed back.
+ */
 static Jsonb *
 build(const HttpResult *res, const char *error, int attempts)
 {
-	StringInfoData buf;
+	JsonbParseState *ps = NULL;
 	HeaderList	list;
 	char	   *content_type = NULL;
+	JsonbValue *result;
 
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '{');
+	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
 	if (error)
 	{
-		appendStringInfoString(&buf, "\"error\": ");
-		escape_json(&buf, error);
-		appendStringInfo(&buf, ", \"attempts\": %d, ", attempts);
+		push_text(&ps, "error", error, strlen(error));
+		push_number(&ps, "attempts", attempts);
 	}
 	if (res->status > 0)
-		appendStringInfo(&buf, "\"status\": %ld, \"headers\": {", res->status);
+		push_number(&ps, "status", res->status);
 	else
-		appendStringInfoString(&buf, "\"status\": null, \"headers\": {");
+		push_null(&ps, "status");
+
+	push_key(&ps, "headers");
+	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
 	parse_response_headers(res, &list);
 	for (int i = 0; i < list.n; i++)
 	{
-		if (i > 0)
-			appendStringInfoString(&buf, ", ");
-		append_text_json(&buf, list.names[i], strlen(list.names[i]));
-		appendStringInfoString(&buf, ": ");
-		append_text_json(&buf, list.values[i].data, list.values[i].len);
+		push_text(&ps, list.names[i], list.values[i].data, list.values[i].len);
 		if (strcmp(list.names[i], "content-type") == 0)
 			content_type = list.values[i].data;
 	}
-	appendStringInfoString(&buf, "}, \"body\": ");
-	if (res->body_len == 0)
-		appendStringInfoString(&buf, res->status > 0 ? "\"\"" : "null");
-	else if (body_is_json(res, content_type))
-		appendBinaryStringInfo(&buf, res->body, res->body_len);
-	else
-		append_text_json(&buf, res->body, res->body_len);
-	appendStringInfo(&buf, ", \"elapsed_ms\": " INT64_FORMAT "}", res->elapsed_ms);
+	(void) pushJsonbValue(&ps, WJB_END_OBJECT, NULL);
 
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	if (res->body_len == 0)
+	{
+		if (res->status > 0)
+			push_text(&ps, "body", "", 0);
+		else
+			push_null(&ps, "body");
+	}
+	else if (body_is_json(res, content_type))
+	{
+		Jsonb	   *body = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(res->body)));
+		JsonbValue	v;
+
+		push_key(&ps, "body");
+		v.type = jbvBinary;
+		v.val.binary.data = &body->root;
+		v.val.binary.len = VARSIZE(body) - VARHDRSZ;
+		(void) pushJsonbValue(&ps, WJB_VALUE, &v);
+	}
+	else
+		push_text(&ps, "body", res->body, res->body_len);
+	push_number(&ps, "elapsed_ms", res->elapsed_ms);
+	result = pushJsonbValue(&ps, WJB_END_OBJECT, NULL);
+	return JsonbValueToJsonb(result);
 }
 
 Jsonb *
