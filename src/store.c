@@ -369,15 +369,20 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 	/*
 	 * Planned anew for every batch: a generic plan cannot know how many rows
 	 * the arrays hold, and one made while the table was small rescans the
-	 * unnest() for every held job -- quadratic in the batch.
+	 * unnest() for every held job -- quadratic in the batch.  The rows are
+	 * locked first (SKIP LOCKED, see above) and then updated by the ctid the
+	 * lock returned: a TID scan, no second join of the arrays (~20% of the
+	 * statement).  Should a row's locked version be newer than this
+	 * statement's snapshot, the TID scan misses it and the update is simply
+	 * not applied -- the same outcome as a locked row, handled the same way.
 	 */
 	run_plan(&plan,
 			 "WITH u AS ("
-			 "    SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $11)"
-			 "      AS u(id, status, step, state, request, last_error, attempts, run_after, release,"
-			 "           from_step)),"
-			 " mine AS ("
-			 "    SELECT j.id FROM jobloop.job j JOIN u ON j.id = u.id"
+			 "    SELECT j.ctid AS tid, u.*"
+			 "      FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $11)"
+			 "           AS u(id, status, step, state, request, last_error, attempts, run_after, release,"
+			 "                from_step)"
+			 "      JOIN jobloop.job j ON j.id = u.id"
 			 "     WHERE j.worker = $10 AND j.status = 'running' AND j.step = u.from_step"
 			 "     FOR NO KEY UPDATE OF j SKIP LOCKED)"
 			 " UPDATE jobloop.job j SET status = u.status, step = u.step, state = u.state,"
@@ -388,8 +393,8 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 			 "   updated_at = now(),"
 			 "   finished_at = CASE WHEN u.status = ANY (ARRAY['completed', 'failed', 'cancelled'])"
 			 "                 THEN now() END"
-			 "  FROM u, mine"
-			 " WHERE j.id = u.id AND j.id = mine.id"
+			 "  FROM u"
+			 " WHERE j.ctid = u.tid"
 			 " RETURNING j.id",
 			 11, types, values, NULL, SPI_OK_UPDATE_RETURNING, CURSOR_OPT_CUSTOM_PLAN);
 
