@@ -14,6 +14,8 @@
  */
 #include "jobloop.h"
 
+#include <malloc.h>
+
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -146,6 +148,21 @@ take_cancels(int64 *ids, int max, bool *rescan)
 	return n;
 }
 
+/*
+ * Every turn frees what the last one allocated (memory contexts, libcurl's
+ * per-transfer buffers) and allocates it again.  glibc would hand freed
+ * memory at the top of the heap, and every block of 128 kB or more, back to
+ * the kernel, so the next turn faults the same pages in again: ~3 page
+ * faults per step, ~5% of the worker's CPU.  Keep it instead; the peak
+ * (what RSS reports) is the same.
+ */
+static void
+keep_freed_memory(void)
+{
+	(void) mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+	(void) mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+}
+
 void
 jobloop_worker_main(Datum main_arg)
 {
@@ -178,6 +195,7 @@ jobloop_worker_main(Datum main_arg)
 	logic_capture_search_path();
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
+	keep_freed_memory();
 	held_init(my_worker);
 	limits_init_worker();
 	http_init();
