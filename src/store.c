@@ -524,7 +524,8 @@ store_delete_expired(int limit)
  * For the updates that did not apply: is the row still ours, at the step
  * our copy started from?  Then it was only locked by someone else (another
  * worker's claim, a cancel in progress) and the update is to be retried.
- * A plain read: it waits for nobody.
+ * A plain read: it waits for nobody.  Row by row by primary key, for the
+ * reason given at store_update_jobs.
  */
 void
 store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours)
@@ -554,8 +555,9 @@ store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours)
 	values[1] = array_of(steps, NULL, m, INT4OID);
 	values[2] = Int32GetDatum(my_worker);
 	store_run_plan(&plan,
-				   "SELECT j.id FROM jobloop.job j"
-				   "  JOIN unnest($1, $2) AS u(id, from_step) ON j.id = u.id"
+				   "SELECT u.id FROM unnest($1, $2) AS u(id, from_step)"
+				   " CROSS JOIN LATERAL (SELECT j.worker, j.status, j.step FROM jobloop.job j"
+				   "                      WHERE j.id = u.id OFFSET 0) j"
 				   " WHERE j.worker = $3 AND j.status = 'running' AND j.step = u.from_step",
 				   3, types, values, NULL, SPI_OK_SELECT);
 	found = sorted_ids(&nfound);
