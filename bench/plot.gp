@@ -6,7 +6,8 @@
 
 set terminal pngcairo size 1400,620 font ',11'
 set output out
-set multiplot layout 1,2 title 'jobloop bench: one worker, N jobs in flight, API latency L'
+if (!exists("workers")) workers = 1
+set multiplot layout 1,2 title sprintf('jobloop bench: %d worker(s), N jobs in flight, API latency L', workers)
 
 # Rows of one N with L > 0 ("limit steps/s L"), or the L = 0 rows ("N steps/s"), via awk,
 # so that each series is contiguous and gnuplot draws its line.

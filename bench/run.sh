@@ -16,6 +16,7 @@
 #   BENCH_SECONDS=12           aimed-for length of one cell; K (steps per job) follows
 #   BENCH_SAMPLES=50           samples for each of the two latency measurements
 #   BENCH_LANG=plpgsql         business logic in plpgsql or sql (bench/kind.sql)
+#   BENCH_WORKERS=2            jobloop.workers (one per core of the 2-core target machine)
 #   BENCH_PGSS=1               also load pg_stat_statements and save the worker's top
 #                              statements per cell (costs a little throughput)
 #   BENCH_CELL_TIMEOUT=60      seconds past a cell's hard end (2 x BENCH_SECONDS + 10 s, when
@@ -40,6 +41,7 @@ BENCH_L=${BENCH_L:-"0 0.01 0.1 1"}
 BENCH_SECONDS=${BENCH_SECONDS:-12}
 BENCH_SAMPLES=${BENCH_SAMPLES:-50}
 BENCH_LANG=${BENCH_LANG:-plpgsql}
+BENCH_WORKERS=${BENCH_WORKERS:-2}
 BENCH_PGSS=${BENCH_PGSS:-0}
 BENCH_CELL_TIMEOUT=${BENCH_CELL_TIMEOUT:-60}
 TENANTS=50            # jobs are spread over this many tenants (fair claiming is on the path)
@@ -63,10 +65,12 @@ tty=false
 
 # ---------------------------------------------------------------------------------------
 # Cluster and mock.  fsync and synchronous_commit stay on: every batch of steps pays a
-# real WAL flush, as in production.  One worker, so every number is per worker.
+# real WAL flush, as in production.  BENCH_WORKERS workers (default 2, one per core of
+# the 2-core machine the targets are set for): CPU columns add the workers up, memory
+# columns show the largest worker.
 
 settings=(
-    "jobloop.workers = 1"
+    "jobloop.workers = $BENCH_WORKERS"
     "jobloop.max_in_flight = $max_n"
     "fsync = on"
     "synchronous_commit = on"
@@ -93,8 +97,9 @@ jl_psql -v lang="$BENCH_LANG" -f "$BENCH/kind.sql" >/dev/null
 jl_psql -d postgres -c "CREATE DATABASE bench"
 psql_bench -c "CREATE UNLOGGED TABLE bench_req (t_end float8, rt float8, status int, job bigint, step int)"
 
-worker_pid=$(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'jobloop worker'")
-[[ "$worker_pid" =~ ^[0-9]+$ ]] || jl_die "expected one jobloop worker, found: '$worker_pid'"
+mapfile -t worker_pids < <(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'jobloop worker' ORDER BY pid")
+(( ${#worker_pids[@]} == BENCH_WORKERS )) \
+    || jl_die "expected $BENCH_WORKERS jobloop workers, found: '${worker_pids[*]}'"
 
 {
     echo "jobloop bench, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$JL_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$JL_ROOT" diff --quiet HEAD 2>/dev/null || echo '+changes')"
@@ -149,6 +154,26 @@ sum_ticks() {
 # A /proc/PID/status field in kB.
 proc_kb() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
 
+# The largest of that field over the workers.
+workers_max_kb() {
+    local p v m=0
+    for p in "${worker_pids[@]}"; do
+        v=$(proc_kb "$p" "$1")
+        (( v > m )) && m=$v
+    done
+    echo "$m"
+}
+
+# Nanoseconds the workers together waited for a CPU while runnable.
+workers_runq_ns() {
+    local p t=0 run wait rest
+    for p in "${worker_pids[@]}"; do
+        read -r run wait rest < <(sched_ns "$p")
+        t=$(( t + wait ))
+    done
+    echo "$t"
+}
+
 # Steps/s a cell can hope for: N/L, or for L=0 a guess that the previous L=0 cell refines.
 rate_guess_l0=15000
 
@@ -176,13 +201,15 @@ run_cell() {
     # A clean start: no rows, a fresh checkpoint, the worker's peak RSS reset.
     jl_psql -q -c "TRUNCATE jobloop.job" -c "CHECKPOINT"
     [[ "$BENCH_PGSS" == 1 ]] && jl_psql -Atc "SELECT pg_stat_statements_reset()" >/dev/null
-    echo 5 >"/proc/$worker_pid/clear_refs" 2>/dev/null || true   # VmHWM := VmRSS
+    for p in "${worker_pids[@]}"; do
+        echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true        # VmHWM := VmRSS
+    done
     off=$(stat -c %s "$JL_MOCK_LOG")
-    cpu0=$(cpu_ticks "$worker_pid")
-    read -r _ rq0 _ < <(sched_ns "$worker_pid")
+    cpu0=$(sum_ticks "${worker_pids[@]}")
+    rq0=$(workers_runq_ns)
     mapfile -t mock < <(mock_pids)
     mock0=$(sum_ticks "${mock[@]}")
-    retries0=$(jl_psql -Atc "SELECT retries FROM jobloop.worker_stats()")
+    retries0=$(jl_psql -Atc "SELECT coalesce(sum(retries), 0) FROM jobloop.worker_stats()")
 
     # Every job stops after k steps, or at the latest at "until": a cell far slower than
     # the guess still ends in bounded time (bench/kind.sql).
@@ -199,7 +226,7 @@ SQL
     # Wait for the cell to finish, sampling the worker's private memory once a second.
     while :; do
         sleep 1
-        anon=$(proc_kb "$worker_pid" RssAnon)
+        anon=$(workers_max_kb RssAnon)
         (( anon > anon_max )) && anon_max=$anon
         IFS='|' read -r unfinished steps < <(jl_psql -Atc "
             SELECT (SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')),
@@ -228,12 +255,12 @@ SQL
     done
     $tty && printf '\n' >&2
     t1=$(_jl_now_us)
-    cpu1=$(cpu_ticks "$worker_pid")
-    read -r _ rq1 _ < <(sched_ns "$worker_pid")
+    cpu1=$(sum_ticks "${worker_pids[@]}")
+    rq1=$(workers_runq_ns)
     mock1=$(sum_ticks "${mock[@]}")
     load1=$(cut -d' ' -f1 /proc/loadavg)
-    hwm=$(proc_kb "$worker_pid" VmHWM)
-    retries1=$(jl_psql -Atc "SELECT retries FROM jobloop.worker_stats()")
+    hwm=$(workers_max_kb VmHWM)
+    retries1=$(jl_psql -Atc "SELECT coalesce(sum(retries), 0) FROM jobloop.worker_stats()")
     failed=$(jl_psql -Atc "SELECT count(*) FROM jobloop.job WHERE status = 'failed'")
     if (( failed > 0 )); then
         jl_log "$label: $failed failed jobs; the most common reasons:"
@@ -400,7 +427,7 @@ report() {
 }
 report | tee "$OUT/summary.txt"
 
-if gnuplot -e "csv='$csv'; out='$OUT/steps_vs_limit.png'" "$BENCH/plot.gp" 2>"$OUT/gnuplot.err"; then
+if gnuplot -e "csv='$csv'; out='$OUT/steps_vs_limit.png'; workers=$BENCH_WORKERS" "$BENCH/plot.gp" 2>"$OUT/gnuplot.err"; then
     jl_log "plot: $OUT/steps_vs_limit.png"
 else
     jl_log "gnuplot failed (see $OUT/gnuplot.err)"

@@ -36,6 +36,14 @@
 
 
 #define MAX_WRITING_SUBXACTS	60
+/*
+ * A turn claims at most its worker's share of this many jobs, so that the
+ * workers of a database, all woken by the same submit, split a burst of new
+ * jobs between them instead of the first one awake taking it all (with two
+ * workers on two cores, L ~ 0: 12,800 steps/s with one worker holding every
+ * job, 26,000 split).  A worker that is busier claims less often, so the
+ * split also follows the load.
+ */
 #define MAX_CLAIM				1000
 #define IDLE_CLAIM_INTERVAL_MS	1000
 
@@ -585,7 +593,7 @@ static void
 claim(TimestampTz now)
 {
 	int			free_slots = jobloop_max_in_flight - held_count();
-	int			limit = Min(free_slots, MAX_CLAIM);
+	int			limit = Min(free_slots, Max(MAX_CLAIM / Max(jobloop_workers, 1), 100));
 	ClaimedJob *claimed;
 	int			n;
 
