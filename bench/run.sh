@@ -106,7 +106,7 @@ mapfile -t worker_pids < <(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE 
     echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "$("$JL_PGBIN/postgres" --version); business logic in $BENCH_LANG; $TENANTS tenants"
     echo "settings: ${settings[*]}"
-    jl_psql -Atc "SELECT string_agg(name || '=' || setting || coalesce(unit, ''), ' ' ORDER BY name)
+    jl_psql -Atc "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name)
                     FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method',
                          'shared_buffers', 'jobloop.max_in_flight', 'jobloop.workers',
                          'jobloop.function_timeout')"

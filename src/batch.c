@@ -37,14 +37,18 @@
 
 #define MAX_WRITING_SUBXACTS	60
 /*
- * A turn claims at most its worker's share of this many jobs, so that the
- * workers of a database, all woken by the same submit, split a burst of new
- * jobs between them instead of the first one awake taking it all (with two
- * workers on two cores, L ~ 0: 12,800 steps/s with one worker holding every
- * job, 26,000 split).  A worker that is busier claims less often, so the
- * split also follows the load.
+ * A turn claims at most its worker's share of MAX_CLAIM jobs, and none while
+ * the worker is a whole share ahead of another worker of its database that
+ * has room and is turning: the workers, all woken by the same submit, split
+ * a burst of new jobs between them instead of the first one awake taking it
+ * all (two workers on two cores at L ~ 0: 12,800 steps/s with one holding
+ * every job, 26,000 split; and half the memory per worker).  A worker whose
+ * peer stops turning (a long business-logic call) stops waiting for it
+ * after BALANCE_ACTIVE_MS.
  */
 #define MAX_CLAIM				1000
+#define BALANCE_ACTIVE_MS		1000
+#define BALANCE_RETRY_MS		100
 #define IDLE_CLAIM_INTERVAL_MS	1000
 
 bool		batch_claim_wanted = true;
@@ -593,12 +597,22 @@ static void
 claim(TimestampTz now)
 {
 	int			free_slots = jobloop_max_in_flight - held_count();
-	int			limit = Min(free_slots, Max(MAX_CLAIM / Max(jobloop_workers, 1), 100));
+	int			share = Max(MAX_CLAIM / Max(jobloop_workers, 1), 100);
+	int			limit = Min(free_slots, share);
+	int			peer;
 	ClaimedJob *claimed;
 	int			n;
 
 	if (limit <= 0)
 		return;
+	peer = stats_least_held_peer(my_worker_number, jobloop_max_in_flight, BALANCE_ACTIVE_MS);
+	if (peer >= 0 && held_count() >= peer + share)
+	{
+		/* leave these jobs to the peer; look again soon in case it does not take them */
+		batch_claim_wanted = false;
+		batch_next_claim_at = now + BALANCE_RETRY_MS * INT64CONST(1000);
+		return;
+	}
 	claimed = palloc(limit * sizeof(ClaimedJob));
 	{
 		TimestampTz start = GetCurrentTimestamp();

@@ -54,6 +54,7 @@ typedef struct WorkerStats
 	TimestampTz started_at;
 	int			held;
 	int			in_flight;
+	TimestampTz last_turn;		/* end of its last batch */
 	int64		steps;
 	int64		completed;
 	int64		failed;
@@ -330,6 +331,7 @@ extern void limits_sync(void);
 extern void stats_record_batch(int worker, int steps, int completed, int failed, int retries,
 							   double claim_ms, double commit_ms);
 extern void stats_record_load(int worker, int held, int in_flight);
+extern int	stats_least_held_peer(int worker, int max_held, int64 active_ms);
 
 /* ---- batch.c: the transaction that advances jobs ---- */
 extern void batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,

@@ -12,6 +12,7 @@
 #include "jobloop.h"
 
 #include "funcapi.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 
 PG_FUNCTION_INFO_V1(jobloop_worker_stats);
@@ -75,7 +76,38 @@ stats_record_load(int worker, int held, int in_flight)
 	SpinLockAcquire(&slot->mutex);
 	slot->stats.held = held;
 	slot->stats.in_flight = in_flight;
+	slot->stats.last_turn = GetCurrentTimestamp();
 	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * The fewest jobs another worker of this database holds, among those that
+ * have room for more (fewer than max_held) and finished a turn within the
+ * last active_ms; -1 if there is no such worker.
+ */
+int
+stats_least_held_peer(int worker, int max_held, int64 active_ms)
+{
+	TimestampTz since = GetCurrentTimestamp() - active_ms * 1000;
+	int			least = -1;
+
+	for (int w = 1; w <= shared_total_workers(); w++)
+	{
+		WorkerSlot *slot = shared_slot(w);
+		int			held;
+		bool		candidate;
+
+		if (w == worker || slot == NULL)
+			continue;
+		SpinLockAcquire(&slot->mutex);
+		held = slot->stats.held;
+		candidate = slot->pid != 0 && slot->database == MyDatabaseId &&
+			slot->stats.last_turn >= since && held < max_held;
+		SpinLockRelease(&slot->mutex);
+		if (candidate && (least < 0 || held < least))
+			least = held;
+	}
+	return least;
 }
 
 /* jobloop.worker_stats(): one row per running worker, in any database. */
