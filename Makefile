@@ -32,3 +32,8 @@ SHLIB_LINK = -lcurl
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# Every source file includes src/jobloop.h, whose structs live in shared memory: rebuild
+# them all when it changes.  (PGXS tracks no header dependencies; a stale object built
+# against an older WorkerSlot once wrote into the next slot's spinlock.)
+$(OBJS) $(OBJS:.o=.bc): src/jobloop.h
