@@ -47,7 +47,7 @@
  * after BALANCE_ACTIVE_MS.
  */
 #define MAX_CLAIM				1000
-#define BALANCE_ACTIVE_MS		1000
+#define BALANCE_ACTIVE_MS		3000	/* 3 x an idle worker's claim interval */
 #define BALANCE_RETRY_MS		100
 #define IDLE_CLAIM_INTERVAL_MS	1000
 
