@@ -405,10 +405,11 @@ report() {
         }' "$csv"
     echo "steps/s: steady state, all N jobs in flight (bench/analyze_cell.sql); ratio = steps/s / (N/L);"
     echo "ovh: ms from a response's end to the job's next request (p50/p99, nginx log, 1 ms resolution);"
-    echo "CPU/1k: worker CPU s per 1,000 steps; ceil/s: steps/s the worker could do on a whole core at that"
-    echo "cost (1000 / CPU/1k); CPU%: worker on a CPU; runq%: worker runnable but waiting"
-    echo "for a CPU (other load); mock%: nginx's CPU; RSS: worker peak resident (VmHWM, includes the shared"
-    echo "buffers it touched); anonMB: worker peak private memory; failed jobs; retries: transport/5xx retries."
+    echo "CPU/1k: the $BENCH_WORKERS worker(s)' CPU s per 1,000 steps; ceil/s: steps/s one core could do at that"
+    echo "cost (1000 / CPU/1k); CPU%: workers on a CPU (added up); runq%: workers runnable but waiting"
+    echo "for a CPU (other load); mock%: nginx's CPU; RSS: largest worker's peak resident (VmHWM, includes the"
+    echo "shared buffers it touched); anonMB: largest worker's peak private memory; failed jobs; retries:"
+    echo "transport/5xx retries."
     if grep -q ',f,' "$csv"; then
         echo "* the jobs were never all in flight at once: steps/s over the middle 80% of the run"
     fi
