@@ -32,7 +32,7 @@
 
 #define MAX_HEADER_BYTES	(256 * 1024)
 #define EPOLL_BATCH			256
-#define TRANSFERS_PER_SHARD	500		/* see "Shards" below */
+#define TRANSFERS_PER_SHARD	100		/* see "Shards" below */
 #define RECEIVE_BUFFER		4096	/* curl's per-transfer receive buffer (default 16 kB) */
 
 /*
@@ -42,7 +42,10 @@
  * transfers are therefore spread over multi handles of at most
  * TRANSFERS_PER_SHARD each; each keeps its own connection cache (reuse works
  * within it), and all share the one epoll set, whose events carry the
- * shard's index next to the socket.
+ * shard's index next to the socket.  Removing a finished transfer walks its
+ * handle's connection cache too, so smaller shards are cheaper still: at
+ * N = 1,000, L ~ 0, curl_multi_remove_handle fell from 2.5% of the worker's
+ * CPU with shards of 500 to 0.7% with 100.
  */
 typedef struct Shard
 {
