@@ -155,21 +155,15 @@ take_cancels(int64 *ids, int max, bool *rescan)
  * memory at the top of the heap, and every block of 128 kB or more (the
  * batch context's big blocks), back to the kernel, so the next turn faults
  * the same pages in again: ~3 page faults per step, ~5% of the worker's
- * CPU.  Keep it instead, and give back what is free at each heartbeat and
- * whenever the worker runs out of jobs (trim_memory), so that a past peak
- * does not stay resident for good.
+ * CPU.  Keep it instead; the main loop gives back what is free (malloc_trim)
+ * at each heartbeat and whenever the worker runs out of jobs, so that a past
+ * peak does not stay resident for good.
  */
 static void
 keep_freed_memory(void)
 {
 	(void) mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024);
 	(void) mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
-}
-
-static void
-trim_memory(void)
-{
-	(void) malloc_trim(0);
 }
 
 void
@@ -279,7 +273,7 @@ jobloop_worker_main(Datum main_arg)
 		if (heartbeat)
 			next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
 		if (heartbeat || (held_count() == 0 && !trimmed))
-			trim_memory();
+			(void) malloc_trim(0);	/* see keep_freed_memory() */
 		trimmed = held_count() == 0;
 
 		held_send_due(GetCurrentTimestamp());
