@@ -303,7 +303,11 @@ commit_and_act(void)
 typedef struct Advance
 {
 	HeldJob    *job;
-	Jsonb	   *response;		/* NULL: no step, only the next request */
+	/* the call's result, made into the response inside the job's subtransaction */
+	const HttpResult *result;	/* NULL: no step, only the next request */
+	const char *error;			/* with on_error = 'step': why the call failed */
+	int			attempts;
+	Jsonb	   *response;
 	/* results, applied to the job by settle() only if the subtransaction commits */
 	Jsonb	   *new_state;		/* set when a step ran */
 	bool		completed;
@@ -343,11 +347,44 @@ next_request(Advance *a)
 	a->request = request_parse(a->request_json, batch_cxt);
 }
 
+/*
+ * The response as jsonb.  Only the API's body can fail here -- JSON that
+ * jsonb cannot hold, such as a number beyond numeric's range -- and then
+ * only this job fails.
+ */
+static Jsonb *
+build_response(Advance *a)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	Jsonb	   *response = NULL;
+
+	PG_TRY();
+	{
+		response = a->error ? response_build_error(a->result, a->error, a->attempts) :
+			response_build(a->result);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		ereport(ERROR,
+				(errcode(edata->sqlerrcode),
+				 errmsg("invalid response body: %s", edata->message)));
+	}
+	PG_END_TRY();
+	return response;
+}
+
 static void
 advance(Advance *a)
 {
 	HeldJob    *job = a->job;
 
+	if (a->result)
+		a->response = build_response(a);
 	if (a->response)
 		a->new_state = logic_step(job->kind, job->owner, job->state, a->response);
 	else if (job->request_json)
@@ -541,9 +578,8 @@ process_response(HeldJob *job, TimestampTz now)
 	}
 
 	job->transport_failed = res->curl_code != 0 && !res->refused && !res->too_large;
-	if (error == NULL)
-		a.response = response_build(res);
-	else
+	a.result = res;
+	if (error != NULL)
 	{
 		job->attempts++;
 		if (retryable && job->attempts < job->kind->max_attempts)
@@ -559,7 +595,8 @@ process_response(HeldJob *job, TimestampTz now)
 			settle(&a, now);
 			goto done;
 		}
-		a.response = response_build_error(res, error, job->attempts);
+		a.error = error;
+		a.attempts = job->attempts;
 	}
 	advance_isolated(&a);
 	settle(&a, now);

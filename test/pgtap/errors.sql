@@ -2,7 +2,7 @@
 -- with a last_error that says why, and leave every other job alone.
 \ir lib.psql
 
-SELECT plan(43);
+SELECT plan(46);
 
 -- Request: state.req, with a relative url made absolute (unless state.raw).
 CREATE OR REPLACE FUNCTION errors_request(state jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
@@ -161,5 +161,18 @@ SELECT matches(last_error, '127\.0\.0\.2', 'last_error names the address') FROM 
 SELECT matches(last_error, 'jobloop\.allowed_hosts', 'and the setting that would allow it') FROM jobloop.jobs WHERE id = :refused;
 SELECT is(attempts, 1, 'a refused address is not retried') FROM jobloop.jobs WHERE id = :refused;
 SELECT is(pg_read_file(current_setting('test.mock_log2')), '', 'the mock at 127.0.0.2 received nothing at all');
+
+-- A response body that is JSON but that jsonb cannot hold (a number beyond numeric's
+-- range) fails its own job, not the worker's batch.
+CREATE TEMP TABLE errors_bodies AS
+SELECT label, jobloop.submit('errors_kind', jsonb_build_object('raw', jsonb_build_object(
+           'url', jltest.url('/echo'), 'method', 'POST', 'body', body)), 'errors-body') AS id
+  FROM (VALUES ('huge number', '{"a": 1e999999}'), ('fine', '{"a": 1}')) v(label, body);
+SELECT results_eq($$SELECT label, jobloop.wait(id, '30 s')::text FROM errors_bodies ORDER BY label$$,
+                  $$VALUES ('fine', 'completed'), ('huge number', 'failed')$$,
+                  'a response body jsonb cannot hold fails its job, and only that one');
+SELECT is(last_error, 'invalid response body: value overflows numeric format', 'saying why')
+  FROM jobloop.jobs WHERE id = (SELECT id FROM errors_bodies WHERE label = 'huge number');
+SELECT is(step, 0, 'with no step counted') FROM jobloop.jobs WHERE id = (SELECT id FROM errors_bodies WHERE label = 'huge number');
 
 SELECT * FROM finish();
