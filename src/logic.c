@@ -142,7 +142,12 @@ logic_end_job(bool aborted)
 {
 	if (as_owner.active && !aborted)
 	{
-		AtEOXact_GUC(true, as_owner.saved_nestlevel);
+		/*
+		 * false: every change is undone, plain SET and set_config(..., false)
+		 * too, not only SET LOCAL -- as PostgreSQL does after running
+		 * functions in a security-restricted operation.
+		 */
+		AtEOXact_GUC(false, as_owner.saved_nestlevel);
 		SetUserIdAndSecContext(as_owner.saved_userid, as_owner.saved_sec_context);
 	}
 	as_owner.active = false;

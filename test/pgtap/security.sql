@@ -2,7 +2,7 @@
 -- that role's privileges, inside a security-restricted operation.
 \ir lib.psql
 
-SELECT plan(16);
+SELECT plan(20);
 
 DO $$
 BEGIN
@@ -86,5 +86,43 @@ SELECT matches(last_error, '^cannot set parameter "role" within ', 'refused: can
 SELECT is(jobloop.wait(:app_temp, '30 s'), 'failed', 'a step cannot create temporary objects that outlive it');
 SELECT matches(last_error, 'cannot create temporary table within security-restricted operation', 'security-restricted')
   FROM jobloop.jobs WHERE id = :app_temp;
+
+-- Settings a job's functions change -- with plain SET semantics (set_config(..., false)),
+-- not only SET LOCAL -- are undone when its turn ends: the next turn of the same job and
+-- other jobs never see them, and the worker's own statements keep their search_path.
+CREATE OR REPLACE FUNCTION security_guc_request(state jsonb) RETURNS jsonb LANGUAGE sql AS $$
+    SELECT jsonb_build_object('url', format('%s/json?n=1&tag=%s', state->>'base', state->>'tag'))
+$$;
+CREATE OR REPLACE FUNCTION security_guc_step(state jsonb, response jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    seen jsonb := jsonb_build_object('work_mem', current_setting('work_mem'),
+                                     'search_path', current_setting('search_path'));
+BEGIN
+    IF state ? 'poison' THEN
+        PERFORM set_config('work_mem', '77MB', false);
+        PERFORM set_config('search_path', 'security_evil, pg_catalog', false);
+    END IF;
+    RETURN state || jsonb_build_object('n', coalesce((state->>'n')::int, 0) + 1,
+                                       'seen', coalesce(state->'seen', '[]') || jsonb_build_array(seen));
+END
+$$;
+CREATE OR REPLACE FUNCTION security_guc_done(state jsonb) RETURNS boolean LANGUAGE sql AS $$
+    SELECT coalesce((state->>'n')::int, 0) >= 2
+$$;
+\o /dev/null
+SELECT jobloop.create_kind('security_guc', 'security_guc_request(jsonb)', 'security_guc_step(jsonb,jsonb)',
+                           'security_guc_done(jsonb)');
+\o
+SELECT jobloop.submit('security_guc', jsonb_build_object('base', jltest.url(), 'tag', :'tag', 'poison', true)) AS guc_poison \gset
+SELECT is(jobloop.wait(:guc_poison, '30 s'), 'completed', 'a job that changes settings with set_config(..., false) completes');
+SELECT jobloop.submit('security_guc', jsonb_build_object('base', jltest.url(), 'tag', :'tag')) AS guc_other \gset
+SELECT is(jobloop.wait(:guc_other, '30 s'), 'completed', 'and so does a job that runs after it');
+SELECT is_empty(format($$SELECT 1 FROM jobloop.jobs j, jsonb_array_elements(j.state->'seen') s
+                          WHERE j.id IN (%s, %s)
+                            AND (s->>'work_mem' = '77MB' OR s->>'search_path' LIKE '%%security_evil%%')$$,
+                       :guc_poison, :guc_other),
+                'neither its own next turn nor the other job sees the changed settings');
+SELECT is(jsonb_array_length(state->'seen'), 2, 'the job that changed them ran both its steps')
+  FROM jobloop.jobs WHERE id = :guc_poison;
 
 SELECT * FROM finish();
