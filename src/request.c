@@ -462,14 +462,13 @@ response_retry_after_ms(const HttpResult *res)
 	return Min(Max((int64) (when - time(NULL)) * 1000, 0), max_ms);
 }
 
+/* A key: ours are ASCII; a header name comes from the API and is cleaned like text. */
 static void
 push_key(JsonbParseState **ps, const char *key)
 {
 	JsonbValue	v;
 
-	v.type = jbvString;
-	v.val.string.val = (char *) key;
-	v.val.string.len = strlen(key);
+	text_value(&v, key, strlen(key));
 	(void) pushJsonbValue(ps, WJB_KEY, &v);
 }
 

@@ -70,13 +70,14 @@ void
 stats_record_load(int worker, int held, int in_flight)
 {
 	WorkerSlot *slot = shared_slot(worker);
+	TimestampTz now = GetCurrentTimestamp();
 
 	if (slot == NULL)
 		return;
 	SpinLockAcquire(&slot->mutex);
 	slot->stats.held = held;
 	slot->stats.in_flight = in_flight;
-	slot->stats.last_turn = GetCurrentTimestamp();
+	slot->stats.last_turn = now;
 	SpinLockRelease(&slot->mutex);
 }
 
@@ -90,8 +91,9 @@ stats_least_held_peer(int worker, int max_held, int64 active_ms)
 {
 	TimestampTz since = GetCurrentTimestamp() - active_ms * 1000;
 	int			least = -1;
+	int			nworkers = shared_total_workers();
 
-	for (int w = 1; w <= shared_total_workers(); w++)
+	for (int w = 1; w <= nworkers; w++)
 	{
 		WorkerSlot *slot = shared_slot(w);
 		int			held;

@@ -380,7 +380,9 @@ store_update_jobs(JobUpdate *updates, int n, bool *applied)
 	 * is ~10 us per row at any size.  Planned anew for every batch all the
 	 * same, so the unnest() is estimated at its real length.
 	 *
-	 * A row that is no longer ours is locked for a moment and left alone.
+	 * A row that is no longer ours is locked until the batch commits (a few
+ * milliseconds) and left alone: testing ownership inside the subquery would
+ * let stale statistics steer its scan to the worker index again.
 	 * Should a row's locked version be newer than this statement's
 	 * snapshot, the TID scan misses it and the update is not applied -- the
 	 * same outcome as a locked row, handled the same way.
