@@ -10,6 +10,7 @@ OBJS = \
 	src/request.o \
 	src/http.o \
 	src/guard.o \
+	src/allowlist.o \
 	src/store.o \
 	src/held.o \
 	src/batch.o \

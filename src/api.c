@@ -488,6 +488,7 @@ jobloop_submit(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("job state must be a JSON object")));
+	logic_check_state_size(state);
 	if (!PG_ARGISNULL(2))
 	{
 		tenant = text_to_cstring(PG_GETARG_TEXT_PP(2));

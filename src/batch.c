@@ -401,14 +401,6 @@ advance(Advance *a)
 	next_request(a);
 }
 
-static char *
-error_text(ErrorData *edata)
-{
-	if (edata->detail)
-		return psprintf("%s (%s)", edata->message, edata->detail);
-	return pstrdup(edata->message);
-}
-
 /* Run advance() in a subtransaction; on error, a->failure says why. */
 static void
 advance_isolated(Advance *a)
@@ -419,7 +411,7 @@ advance_isolated(Advance *a)
 	MemoryContextSwitchTo(batch_cxt);
 	PG_TRY();
 	{
-		logic_begin_job();
+		logic_begin_job(a->job->id);
 		advance(a);
 		logic_end_job(false);
 		if (TransactionIdIsValid(GetCurrentTransactionIdIfAny()))
@@ -439,14 +431,13 @@ advance_isolated(Advance *a)
 		logic_end_job(true);
 		MemoryContextSwitchTo(batch_cxt);
 		CurrentResourceOwner = owner;
-		disable_timeout(STATEMENT_TIMEOUT, false);
 
 		/* nothing of this step stands: the job keeps its committed state */
 		a->new_state = NULL;
 		a->completed = false;
 		a->request = NULL;
 		a->request_json = NULL;
-		a->failure = error_text(edata);
+		a->failure = logic_failure_text(edata);
 	}
 	PG_END_TRY();
 }
@@ -569,7 +560,7 @@ process_response(HeldJob *job, TimestampTz now)
 	else if (res->curl_code != 0)
 	{
 		error = res->error;
-		retryable = true;
+		retryable = !res->permanent;
 	}
 	else if (retryable_status(res->status))
 	{
@@ -577,7 +568,7 @@ process_response(HeldJob *job, TimestampTz now)
 		retryable = true;
 	}
 
-	job->transport_failed = res->curl_code != 0 && !res->refused && !res->too_large;
+	job->transport_failed = res->curl_code != 0 && !res->permanent && !res->too_large;
 	a.result = res;
 	if (error != NULL)
 	{
@@ -715,7 +706,7 @@ rescan_held(void)
 /*
  * One batch: everything the loop found to do since the last one.
  */
-void
+bool
 batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 		  HeldJob **parked, int nparked, bool want_claim, bool heartbeat, bool rescan)
 {
@@ -730,6 +721,19 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 	}
 
 	begin_transaction();
+	/*
+	 * DROP EXTENSION jobloop: its tables are gone, and every statement below
+	 * would fail.  (Once we have looked, DROP waits for our locks.)
+	 */
+	if (!store_extension_ready())
+	{
+		PopActiveSnapshot();
+		SPI_finish();
+		CommitTransactionCommand();
+		MemoryContextReset(batch_cxt);
+		ndeferred = 0;
+		return false;
+	}
 	pgstat_report_activity(STATE_RUNNING, "jobloop: advancing jobs");
 	limits_sync();
 
@@ -803,4 +807,5 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 	claim_ms = -1;
 	MemoryContextReset(batch_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
+	return true;
 }

@@ -68,9 +68,12 @@ struct Transfer
 	char	   *head;
 	size_t		head_len;
 	size_t		head_cap;
-	bool		too_large;
+	bool		too_large;		/* the body passed jobloop.max_response_size */
+	bool		headers_too_large;	/* the header block passed MAX_HEADER_BYTES */
 	bool		refused;
 	char		refused_reason[200];
+	CURLcode	setup_error;	/* an option libcurl refused; see http_start */
+	const char *setup_option;
 	char		errbuf[CURL_ERROR_SIZE];
 	Transfer   *next_free;
 };
@@ -81,6 +84,7 @@ static int	max_shards = 0;
 static int	epoll_fd = -1;
 static int	in_flight = 0;
 static Transfer *free_transfers = NULL;
+static Transfer *failed_transfers = NULL;	/* could not start; reported as finished */
 
 /* ---- curl callbacks ---- */
 
@@ -160,7 +164,7 @@ header_callback(char *data, size_t size, size_t nitems, void *userp)
 		xfer->head_len = 0;
 	if (xfer->head_len + n > MAX_HEADER_BYTES)
 	{
-		xfer->too_large = true;
+		xfer->headers_too_large = true;
 		return 0;
 	}
 	if (xfer->head_len + n + 1 > xfer->head_cap)
@@ -179,7 +183,19 @@ header_callback(char *data, size_t size, size_t nitems, void *userp)
 	return n;
 }
 
-/* The host name of the URL being connected to now (it changes on redirects). */
+/*
+ * Text from the API (a redirect's URL, libcurl's messages quoting it) goes
+ * into last_error, a text column: keep printable ASCII only.
+ */
+static void
+make_printable(char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char) *s < 0x20 || (unsigned char) *s >= 0x7F)
+			*s = '?';
+}
+
+/* The host name of the URL being requested now (it changes on redirects). */
 static void
 current_host(Transfer *xfer, char *host, size_t size)
 {
@@ -190,7 +206,7 @@ current_host(Transfer *xfer, char *host, size_t size)
 	host[0] = '\0';
 	if (u && curl_easy_getinfo(xfer->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url &&
 		curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
-		curl_url_get(u, CURLUPART_HOST, &h, 0) == CURLUE_OK)
+		curl_url_get(u, CURLUPART_HOST, &h, 0) == CURLUE_OK && h[0] != '\0')
 	{
 		/* IPv6 literals come bracketed */
 		if (h[0] == '[')
@@ -204,29 +220,62 @@ current_host(Transfer *xfer, char *host, size_t size)
 		curl_url_cleanup(u);
 }
 
+/* Ask the guard; when it says no, mark the transfer refused and say why. */
+static bool
+address_allowed(Transfer *xfer, const struct sockaddr *addr)
+{
+	const char *reason = NULL;
+	char		host[256];
+	char		text[INET6_ADDRSTRLEN] = "?";
+
+	/* a public address needs no host name: skip the URL parse */
+	if (guard_address_allowed(addr, NULL, &reason))
+		return true;
+	current_host(xfer, host, sizeof(host));
+	if (host[0] && guard_address_allowed(addr, host, &reason))
+		return true;
+
+	if (addr->sa_family == AF_INET)
+		inet_ntop(AF_INET, &((const struct sockaddr_in *) addr)->sin_addr, text, sizeof(text));
+	else if (addr->sa_family == AF_INET6)
+		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *) addr)->sin6_addr, text, sizeof(text));
+	xfer->refused = true;
+	snprintf(xfer->refused_reason, sizeof(xfer->refused_reason),
+			 "refused to connect to %s (%s address) for host \"%s\": not in jobloop.allowed_hosts",
+			 text, reason, host);
+	make_printable(xfer->refused_reason);
+	return false;
+}
+
+/* Every new connection: DNS answers, redirect hops, happy-eyeballs fallbacks. */
 static curl_socket_t
 open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
 {
 	Transfer   *xfer = clientp;
-	const char *reason = NULL;
-	char		host[256];
 
-	current_host(xfer, host, sizeof(host));
-	if (!guard_address_allowed(&address->addr, host[0] ? host : NULL, &reason))
-	{
-		char		text[INET6_ADDRSTRLEN] = "?";
-
-		if (address->family == AF_INET)
-			inet_ntop(AF_INET, &((struct sockaddr_in *) &address->addr)->sin_addr, text, sizeof(text));
-		else if (address->family == AF_INET6)
-			inet_ntop(AF_INET6, &((struct sockaddr_in6 *) &address->addr)->sin6_addr, text, sizeof(text));
-		xfer->refused = true;
-		snprintf(xfer->refused_reason, sizeof(xfer->refused_reason),
-				 "refused to connect to %s (%s address) for host \"%s\": not in jobloop.allowed_hosts",
-				 text, reason, host);
+	if (!address_allowed(xfer, &address->addr))
 		return CURL_SOCKET_BAD;
-	}
 	return socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+}
+
+/*
+ * Every request, just before it is sent, also over a reused keep-alive
+ * connection: open_socket saw that address when jobloop.allowed_hosts may
+ * have been wider, so the guard is asked again.  After the setting
+ * changes, no request reaches an address it no longer allows.
+ */
+static int
+before_request(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port)
+{
+	Transfer   *xfer = clientp;
+	struct sockaddr_storage ss;
+
+	memset(&ss, 0, sizeof(ss));
+	if (inet_pton(AF_INET, primary_ip, &((struct sockaddr_in *) &ss)->sin_addr) == 1)
+		ss.ss_family = AF_INET;
+	else if (inet_pton(AF_INET6, primary_ip, &((struct sockaddr_in6 *) &ss)->sin6_addr) == 1)
+		ss.ss_family = AF_INET6;
+	return address_allowed(xfer, (struct sockaddr *) &ss) ? CURL_PREREQFUNC_OK : CURL_PREREQFUNC_ABORT;
 }
 
 /* ---- setup ---- */
@@ -260,6 +309,19 @@ http_init(void)
 		elog(ERROR, "epoll_create1 failed: %m");
 }
 
+static bool
+setup_multi(Shard *shard)
+{
+	CURLM	   *m = shard->multi;
+
+	return curl_multi_setopt(m, CURLMOPT_SOCKETFUNCTION, socket_callback) == CURLM_OK &&
+		curl_multi_setopt(m, CURLMOPT_SOCKETDATA, shard) == CURLM_OK &&
+		curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, timer_callback) == CURLM_OK &&
+		curl_multi_setopt(m, CURLMOPT_TIMERDATA, shard) == CURLM_OK &&
+	/* keep a connection per call slot, so that keep-alive survives between steps */
+		curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, (long) TRANSFERS_PER_SHARD + 16) == CURLM_OK;
+}
+
 /* The least busy shard with room, or a new one; NULL if none can be made. */
 static Shard *
 pick_shard(void)
@@ -287,19 +349,16 @@ pick_shard(void)
 	if (shard == NULL)
 		return NULL;
 	shard->multi = curl_multi_init();
-	if (shard->multi == NULL)
+	if (shard->multi == NULL || !setup_multi(shard))
 	{
+		elog(LOG, "jobloop could not set up a libcurl multi handle");
+		if (shard->multi)
+			curl_multi_cleanup(shard->multi);
 		free(shard);
 		return NULL;
 	}
 	shard->index = nshards;
 	shards[nshards++] = shard;
-	curl_multi_setopt(shard->multi, CURLMOPT_SOCKETFUNCTION, socket_callback);
-	curl_multi_setopt(shard->multi, CURLMOPT_SOCKETDATA, shard);
-	curl_multi_setopt(shard->multi, CURLMOPT_TIMERFUNCTION, timer_callback);
-	curl_multi_setopt(shard->multi, CURLMOPT_TIMERDATA, shard);
-	/* keep a connection per call slot, so that keep-alive survives between steps */
-	curl_multi_setopt(shard->multi, CURLMOPT_MAXCONNECTS, (long) TRANSFERS_PER_SHARD + 16);
 	return shard;
 }
 
@@ -307,6 +366,22 @@ int
 http_epoll_fd(void)
 {
 	return epoll_fd;
+}
+
+static Transfer *
+new_transfer(void)
+{
+	Transfer   *xfer = calloc(1, sizeof(Transfer));
+
+	if (xfer == NULL)
+		return NULL;
+	xfer->easy = curl_easy_init();
+	if (xfer->easy == NULL)
+	{
+		free(xfer);
+		return NULL;
+	}
+	return xfer;
 }
 
 static Transfer *
@@ -319,24 +394,18 @@ get_transfer(void)
 		free_transfers = xfer->next_free;
 		curl_easy_reset(xfer->easy);
 	}
-	else
-	{
-		xfer = calloc(1, sizeof(Transfer));
-		if (xfer == NULL)
-			return NULL;
-		xfer->easy = curl_easy_init();
-		if (xfer->easy == NULL)
-		{
-			free(xfer);
-			return NULL;
-		}
-	}
+	else if ((xfer = new_transfer()) == NULL)
+		return NULL;
 	xfer->body_len = 0;
 	xfer->head_len = 0;
 	xfer->too_large = false;
+	xfer->headers_too_large = false;
 	xfer->refused = false;
+	xfer->setup_error = CURLE_OK;
+	xfer->setup_option = NULL;
 	xfer->errbuf[0] = '\0';
 	xfer->headers = NULL;
+	xfer->next_free = NULL;
 	return xfer;
 }
 
@@ -352,65 +421,62 @@ add_header(Transfer *xfer, const char *line)
 }
 
 /*
- * Start a request.  Returns NULL only when memory runs out; the caller then
- * retries later.
+ * Every option of a request, each one checked: an option libcurl refuses
+ * is a request sent otherwise than we meant, or worse.  The first refusal
+ * is kept in xfer->setup_error / setup_option.
  */
-Transfer *
-http_start(const HttpRequest *req, const char *idempotency_key, int default_timeout_ms,
-		   bool fresh_connection, void *owner)
+#define SET(opt, value) \
+	do { \
+		CURLcode	rc_ = curl_easy_setopt(e, opt, value); \
+		if (rc_ != CURLE_OK) \
+		{ \
+			xfer->setup_error = rc_; \
+			xfer->setup_option = #opt; \
+			return false; \
+		} \
+	} while (0)
+
+static bool
+configure(Transfer *xfer, const HttpRequest *req, int default_timeout_ms, bool fresh_connection)
 {
-	Shard	   *shard = pick_shard();
-	Transfer   *xfer = shard ? get_transfer() : NULL;
-	CURL	   *e;
-	char		line[300];
-	bool		ok = true;
+	CURL	   *e = xfer->easy;
+	bool		has_body = req->body != NULL;
 
-	if (xfer == NULL)
-		return NULL;
-	xfer->shard = shard;
-	e = xfer->easy;
-	xfer->owner = owner;
+	/*
+	 * First, while it can still be told apart from the rest: libcurl 7.88
+	 * keeps a transfer's receive buffer when the transfer ends in a failed
+	 * redirect (a Location with a scheme other than http or https), and then
+	 * refuses to size it again.  curl_easy_reset has by then set the size
+	 * back to 16 kB, so the handle would receive 16 kB at a time into our
+	 * 4 kB buffer.  The caller replaces a handle that refuses this.
+	 */
+	SET(CURLOPT_BUFFERSIZE, (long) RECEIVE_BUFFER);
 
-	for (int i = 0; i < req->nheaders && ok; i++)
-		ok = add_header(xfer, req->headers[i]);
-	if (!req->has_idempotency_key)
-	{
-		snprintf(line, sizeof(line), "Idempotency-Key: %s", idempotency_key);
-		ok = ok && add_header(xfer, line);
-	}
-	if (req->body_is_json && !req->has_content_type)
-		ok = ok && add_header(xfer, "Content-Type: application/json");
-	/* no 100-continue round trip before a body */
-	ok = ok && add_header(xfer, "Expect:");
-	if (!ok)
-	{
-		http_done(xfer);
-		return NULL;
-	}
+	SET(CURLOPT_URL, req->url);
+	SET(CURLOPT_PRIVATE, xfer);
+	SET(CURLOPT_NOSIGNAL, 1L);
+	SET(CURLOPT_ERRORBUFFER, xfer->errbuf);
+	SET(CURLOPT_WRITEFUNCTION, write_callback);
+	SET(CURLOPT_WRITEDATA, xfer);
+	SET(CURLOPT_HEADERFUNCTION, header_callback);
+	SET(CURLOPT_HEADERDATA, xfer);
+	SET(CURLOPT_OPENSOCKETFUNCTION, open_socket);
+	SET(CURLOPT_OPENSOCKETDATA, xfer);
+	SET(CURLOPT_PREREQFUNCTION, before_request);
+	SET(CURLOPT_PREREQDATA, xfer);
+	SET(CURLOPT_HTTPHEADER, xfer->headers);
+	SET(CURLOPT_PROTOCOLS_STR, "http,https");
+	SET(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	SET(CURLOPT_FOLLOWLOCATION, jobloop_max_redirects > 0 ? 1L : 0L);
+	SET(CURLOPT_MAXREDIRS, (long) jobloop_max_redirects);
+	SET(CURLOPT_PROXY, "");
+	SET(CURLOPT_NOPROXY, "*");
+	SET(CURLOPT_TIMEOUT_MS, (long) (req->timeout_ms > 0 ? req->timeout_ms : default_timeout_ms));
+	SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) jobloop_max_response_size);
+	SET(CURLOPT_ACCEPT_ENCODING, "");
+	SET(CURLOPT_TCP_KEEPALIVE, 1L);
+	SET(CURLOPT_USERAGENT, "jobloop/" JOBLOOP_VERSION);
 
-	curl_easy_setopt(e, CURLOPT_URL, req->url);
-	curl_easy_setopt(e, CURLOPT_PRIVATE, xfer);
-	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, xfer->errbuf);
-	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_callback);
-	curl_easy_setopt(e, CURLOPT_WRITEDATA, xfer);
-	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_callback);
-	curl_easy_setopt(e, CURLOPT_HEADERDATA, xfer);
-	curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
-	curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, xfer);
-	curl_easy_setopt(e, CURLOPT_HTTPHEADER, xfer->headers);
-	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, jobloop_max_redirects > 0 ? 1L : 0L);
-	curl_easy_setopt(e, CURLOPT_MAXREDIRS, (long) jobloop_max_redirects);
-	curl_easy_setopt(e, CURLOPT_PROXY, "");
-	curl_easy_setopt(e, CURLOPT_NOPROXY, "*");
-	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) (req->timeout_ms > 0 ? req->timeout_ms : default_timeout_ms));
-	curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) jobloop_max_response_size);
-	curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
-	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-	curl_easy_setopt(e, CURLOPT_USERAGENT, "jobloop/" JOBLOOP_VERSION);
-	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, (long) RECEIVE_BUFFER);
 	/*
 	 * libcurl re-sends a request by itself when a reused connection closes
 	 * without a reply (a stale keep-alive), on the next pooled connection.
@@ -418,26 +484,115 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 	 * that re-sending cannot repeat on every attempt.
 	 */
 	if (fresh_connection)
-		curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
+		SET(CURLOPT_FRESH_CONNECT, 1L);
 
 	if (strcmp(req->method, "GET") == 0)
-		curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+		SET(CURLOPT_HTTPGET, 1L);
 	else if (strcmp(req->method, "HEAD") == 0)
-		curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-	else
+		SET(CURLOPT_NOBODY, 1L);
+	else if (strcmp(req->method, "POST") == 0 || strcmp(req->method, "PUT") == 0 ||
+			 strcmp(req->method, "PATCH") == 0 || has_body)
 	{
+		/* a body, possibly empty: "Content-Length: 0" rather than none */
 		if (strcmp(req->method, "POST") != 0)
-			curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, req->method);
-		curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_len);
-		curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, req->body ? req->body : "");
+			SET(CURLOPT_CUSTOMREQUEST, req->method);
+		SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_len);
+		SET(CURLOPT_COPYPOSTFIELDS, has_body ? req->body : "");
 	}
+	else
+		SET(CURLOPT_CUSTOMREQUEST, req->method);	/* DELETE, OPTIONS: no body */
+	return true;
+}
 
-	if (curl_multi_add_handle(shard->multi, e) != CURLM_OK)
+#undef SET
+
+static bool
+build_headers(Transfer *xfer, const HttpRequest *req, const char *idempotency_key)
+{
+	char		line[300];
+
+	for (int i = 0; i < req->nheaders; i++)
+		if (!add_header(xfer, req->headers[i]))
+			return false;
+	if (!req->has_idempotency_key)
+	{
+		snprintf(line, sizeof(line), "Idempotency-Key: %s", idempotency_key);
+		if (!add_header(xfer, line))
+			return false;
+	}
+	if (!req->has_content_type)
+	{
+		/*
+		 * A JSON body says so; any other request gets no Content-Type at all
+		 * (libcurl would call a POST body, even an empty one, a form).
+		 */
+		if (!add_header(xfer, req->body_is_json ? "Content-Type: application/json" : "Content-Type:"))
+			return false;
+	}
+	/* no 100-continue round trip before a body */
+	return add_header(xfer, "Expect:");
+}
+
+/*
+ * Start a request.  Returns NULL only when memory runs out; the caller then
+ * retries later.  A request libcurl refuses to set up is not started: it is
+ * reported by http_next_finished as failed, with the option named.
+ */
+Transfer *
+http_start(const HttpRequest *req, const char *idempotency_key, int default_timeout_ms,
+		   bool fresh_connection, void *owner)
+{
+	Shard	   *shard = pick_shard();
+	Transfer   *xfer = shard ? get_transfer() : NULL;
+
+	if (xfer == NULL)
+		return NULL;
+	xfer->shard = shard;
+	xfer->owner = owner;
+	if (!build_headers(xfer, req, idempotency_key))
 	{
 		http_done(xfer);
 		return NULL;
 	}
-	shard->in_flight++;
+	if (!configure(xfer, req, default_timeout_ms, fresh_connection) &&
+		xfer->setup_option != NULL && strcmp(xfer->setup_option, "CURLOPT_BUFFERSIZE") == 0)
+	{
+		/* a reused handle that kept its buffer (see configure): use a new one */
+		CURL	   *fresh = curl_easy_init();
+
+		if (fresh == NULL)
+		{
+			http_done(xfer);
+			return NULL;
+		}
+		curl_easy_cleanup(xfer->easy);
+		xfer->easy = fresh;
+		xfer->setup_error = CURLE_OK;
+		xfer->setup_option = NULL;
+		(void) configure(xfer, req, default_timeout_ms, fresh_connection);
+	}
+	if (xfer->setup_error == CURLE_OK)
+	{
+		CURLMcode	mc = curl_multi_add_handle(shard->multi, xfer->easy);
+
+		if (mc == CURLM_OK)
+		{
+			shard->in_flight++;
+			in_flight++;
+			return xfer;
+		}
+		if (mc == CURLM_OUT_OF_MEMORY)
+		{
+			http_done(xfer);
+			return NULL;
+		}
+		xfer->setup_error = CURLE_FAILED_INIT;
+		xfer->setup_option = "curl_multi_add_handle";
+	}
+	elog(LOG, "jobloop could not start a request: libcurl refused %s: %s",
+		 xfer->setup_option, curl_easy_strerror(xfer->setup_error));
+	xfer->next_free = failed_transfers;
+	failed_transfers = xfer;
 	in_flight++;
 	return xfer;
 }
@@ -466,8 +621,9 @@ http_socket_ready(void)
 				flags |= CURL_CSELECT_OUT;
 			if (events[i].events & (EPOLLERR | EPOLLHUP))
 				flags |= CURL_CSELECT_ERR;
+			/* an error here is the transfer's, and reaches us as its result */
 			if (index < nshards)
-				curl_multi_socket_action(shards[index]->multi, fd, flags, &running);
+				(void) curl_multi_socket_action(shards[index]->multi, fd, flags, &running);
 		}
 	} while (n == EPOLL_BATCH);
 }
@@ -481,7 +637,7 @@ http_timer_fired(TimestampTz now)
 		if (shards[i]->has_deadline && now >= shards[i]->deadline)
 		{
 			shards[i]->has_deadline = false;
-			curl_multi_socket_action(shards[i]->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+			(void) curl_multi_socket_action(shards[i]->multi, CURL_SOCKET_TIMEOUT, 0, &running);
 		}
 }
 
@@ -491,42 +647,135 @@ http_next_timeout(void)
 {
 	TimestampTz next = 0;
 
+	/* a request that could not start is "finished" now */
+	if (failed_transfers)
+		return GetCurrentTimestamp();
 	for (int i = 0; i < nshards; i++)
 		if (shards[i]->has_deadline && (next == 0 || shards[i]->deadline < next))
 			next = shards[i]->deadline;
 	return next;
 }
 
-/* Detach a finished transfer from its multi handle and describe its result. */
-static Transfer *
-take_finished(CURLMsg *msg, void **owner, HttpResult *res)
+/* Did the header block end (an empty line)? */
+static bool
+headers_complete(Transfer *xfer)
 {
-	Transfer   *xfer;
-	curl_off_t	total_us = 0;
-	CURLcode	code = msg->data.result;	/* msg is gone after the removal */
+	const char *h = xfer->head;
+	size_t		n = xfer->head_len;
 
-	curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &xfer);
-	curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
-	xfer->shard->in_flight--;
-	in_flight--;
+	return (n >= 2 && h[n - 2] == '\n' && h[n - 1] == '\n') ||
+		(n >= 3 && h[n - 3] == '\n' && h[n - 2] == '\r' && h[n - 1] == '\n');
+}
+
+/*
+ * Why a transfer failed, for last_error, and whether trying again could
+ * help (res->permanent).  Failures the server's answer decides -- a
+ * redirect to a scheme we do not follow, too many redirects, headers
+ * bigger than we accept -- end the job at once: every retry would get the
+ * same answer.
+ */
+static void
+describe_failure(Transfer *xfer, CURLcode code, HttpResult *res)
+{
+	if (xfer->refused)
+	{
+		res->error = pstrdup(xfer->refused_reason);
+		res->permanent = true;
+		return;
+	}
+	if (xfer->headers_too_large)
+	{
+		res->error = psprintf("response headers exceed %d kB", MAX_HEADER_BYTES / 1024);
+		res->permanent = true;
+		return;
+	}
+	switch (code)
+	{
+		case CURLE_UNSUPPORTED_PROTOCOL:
+			{
+				/* the URL was checked at submit, so this was a redirect */
+				char	   *location = response_header(res, "location");
+
+				if (location && strlen(location) > 200)
+					strcpy(location + 197, "...");
+				res->error = psprintf("redirect to \"%s\" refused: only http and https are allowed",
+									  location ? location : "?");
+				res->permanent = true;
+				break;
+			}
+		case CURLE_TOO_MANY_REDIRECTS:
+			res->error = psprintf("stopped after %d redirects (jobloop.max_redirects)",
+								  jobloop_max_redirects);
+			res->permanent = true;
+			break;
+		case CURLE_OUT_OF_MEMORY:
+
+			/*
+			 * libcurl 7.88 says only "out of memory" for a header line it will
+			 * not buffer: a response that began (we have its status line) but
+			 * whose headers never ended is that.
+			 */
+			if (xfer->head_len > 0 && !headers_complete(xfer))
+			{
+				res->error = psprintf("a response header line is longer than libcurl accepts (100 kB)");
+				res->permanent = true;
+				break;
+			}
+			/* FALLTHROUGH */
+		default:
+			res->error = pstrdup(xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code));
+			break;
+	}
+	make_printable(res->error);
+}
+
+/* Describe a finished (or never started) transfer's result. */
+static Transfer *
+take_result(Transfer *xfer, CURLcode code, void **owner, HttpResult *res)
+{
+	curl_off_t	total_us = 0;
 
 	memset(res, 0, sizeof(*res));
 	res->curl_code = (int) code;
-	curl_easy_getinfo(xfer->easy, CURLINFO_RESPONSE_CODE, &res->status);
-	curl_easy_getinfo(xfer->easy, CURLINFO_TOTAL_TIME_T, &total_us);
-	res->elapsed_ms = total_us / 1000;
 	res->headers = xfer->head;
 	res->headers_len = xfer->head_len;
 	res->body = xfer->body;
 	res->body_len = xfer->body_len;
-	res->too_large = xfer->too_large || code == CURLE_FILESIZE_EXCEEDED;
-	res->refused = xfer->refused;
-	if (xfer->refused)
-		res->error = pstrdup(xfer->refused_reason);
-	else if (code != CURLE_OK)
-		res->error = psprintf("%s", xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code));
+	if (xfer->setup_error != CURLE_OK)
+	{
+		res->error = psprintf("libcurl refused %s: %s", xfer->setup_option,
+							  curl_easy_strerror(xfer->setup_error));
+		res->permanent = true;
+	}
+	else
+	{
+		if (curl_easy_getinfo(xfer->easy, CURLINFO_RESPONSE_CODE, &res->status) != CURLE_OK)
+			res->status = 0;
+		if (curl_easy_getinfo(xfer->easy, CURLINFO_TOTAL_TIME_T, &total_us) == CURLE_OK)
+			res->elapsed_ms = total_us / 1000;
+		res->too_large = xfer->too_large || code == CURLE_FILESIZE_EXCEEDED;
+		res->refused = xfer->refused;
+		if (code != CURLE_OK || xfer->refused)
+			describe_failure(xfer, code, res);
+	}
 	*owner = xfer->owner;
 	return xfer;
+}
+
+/* Detach a finished transfer from its multi handle and describe its result. */
+static Transfer *
+take_finished(CURLMsg *msg, void **owner, HttpResult *res)
+{
+	Transfer   *xfer = NULL;
+	CURLcode	code = msg->data.result;	/* msg is gone after the removal */
+
+	if (curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &xfer) != CURLE_OK ||
+		xfer == NULL)
+		elog(PANIC, "libcurl returned a transfer that is not jobloop's");
+	(void) curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
+	xfer->shard->in_flight--;
+	in_flight--;
+	return take_result(xfer, code, owner, res);
 }
 
 /*
@@ -539,6 +788,16 @@ http_next_finished(void **owner, HttpResult *res)
 	static int	next_shard = 0;
 	CURLMsg    *msg;
 	int			left;
+
+	if (failed_transfers)
+	{
+		Transfer   *xfer = failed_transfers;
+
+		failed_transfers = xfer->next_free;
+		xfer->next_free = NULL;
+		in_flight--;
+		return take_result(xfer, CURLE_FAILED_INIT, owner, res);
+	}
 
 	/*
 	 * Round robin: a turn takes a bounded number of responses, and always
@@ -584,8 +843,21 @@ http_done(Transfer *xfer)
 void
 http_abort(Transfer *xfer)
 {
-	curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
-	xfer->shard->in_flight--;
+	if (xfer->setup_error != CURLE_OK)
+	{
+		/* never started: take it off the list of those to report */
+		Transfer  **p = &failed_transfers;
+
+		while (*p && *p != xfer)
+			p = &(*p)->next_free;
+		if (*p)
+			*p = xfer->next_free;
+	}
+	else
+	{
+		(void) curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
+		xfer->shard->in_flight--;
+	}
 	in_flight--;
 	http_done(xfer);
 }

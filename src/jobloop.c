@@ -36,13 +36,8 @@ int			jobloop_max_redirects = 5;
 int			jobloop_max_endpoints = 1024;
 int			jobloop_tenant_max_concurrency = 0;
 int			jobloop_retention = 7 * 86400;
-
-static void
-allowed_hosts_assign(const char *newval, void *extra)
-{
-	/* parsed lazily by the guard, which notices the change */
-	guard_reload();
-}
+int			jobloop_max_state_size = 1024 * 1024;
+int			jobloop_max_request_size = 1024 * 1024;
 
 static void
 define_gucs(void)
@@ -92,7 +87,7 @@ define_gucs(void)
 							   "",
 							   PGC_SIGHUP,
 							   GUC_LIST_INPUT,
-							   NULL, allowed_hosts_assign, NULL);
+							   guard_check_allowed_hosts, guard_assign_allowed_hosts, NULL);
 
 	DefineCustomIntVariable("jobloop.max_response_size",
 							"Largest response body a job may receive.",
@@ -165,6 +160,30 @@ define_gucs(void)
 							7 * 86400, 0, INT_MAX,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	/*
+	 * A worker holds the state and the request of every job it runs, copies
+	 * them several times per step, and writes the state to the table (and
+	 * WAL) at each step: one job with a huge state must not take the
+	 * worker's memory, so it fails alone instead.
+	 */
+	DefineCustomIntVariable("jobloop.max_state_size",
+							"Largest state a job may have.",
+							"A step that returns a larger state fails its job; submit refuses one.",
+							&jobloop_max_state_size,
+							1024 * 1024, 1024, 128 * 1024 * 1024,
+							PGC_SIGHUP,
+							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.max_request_size",
+							"Largest request body a job may send.",
+							"A request function that returns a larger body fails its job.",
+							&jobloop_max_request_size,
+							1024 * 1024, 1024, 128 * 1024 * 1024,
+							PGC_SIGHUP,
+							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("jobloop");

@@ -18,6 +18,7 @@
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "datatype/timestamp.h"
 #include "utils/memutils.h"
@@ -42,6 +43,8 @@ extern int	jobloop_max_redirects;
 extern int	jobloop_max_endpoints;
 extern int	jobloop_tenant_max_concurrency;
 extern int	jobloop_retention;			/* seconds; 0 keeps finished jobs forever */
+extern int	jobloop_max_state_size;		/* bytes */
+extern int	jobloop_max_request_size;	/* bytes */
 
 /* ---- shared.c: shared memory between backends and workers ---- */
 #define CANCEL_QUEUE_SIZE	256
@@ -77,6 +80,9 @@ typedef struct WorkerSlot
 	bool		cancel_overflow;	/* queue overflowed: worker must rescan */
 	int64		cancels[CANCEL_QUEUE_SIZE];
 	WorkerStats stats;
+	/* written by the worker's timeout handler only, read by its successor */
+	int64		overrun_job;	/* its function ignored the cancel; 0: none */
+	Oid			overrun_fn;
 } WorkerSlot;
 
 typedef struct JobloopShared
@@ -98,11 +104,19 @@ extern void shared_wake_worker(int worker);
 extern void shared_post_cancel(int worker, int64 job_id);
 extern int	shared_take_cancels(int worker, int64 *ids, int max, bool *overflow);
 
+/*
+ * Heavyweight locks of the workers: type "userlock" (LOCKTAG_USERLOCK),
+ * which no SQL function can take, keyed (database, JOBLOOP_LOCK_KEY, what).
+ */
+#define JOBLOOP_LOCK_KEY			0x6A6C6F6F	/* "jloo" */
+#define JOBLOOP_LOCK_CLAIM_TURN		1
+
 /* ---- guard.c: which addresses outbound HTTP may reach ---- */
 struct sockaddr;
 extern bool guard_address_allowed(const struct sockaddr *addr, const char *host,
 								  const char **reason);
-extern void guard_reload(void);
+extern bool guard_check_allowed_hosts(char **newval, void **extra, GucSource source);
+extern void guard_assign_allowed_hosts(const char *newval, void *extra);
 
 /* ---- request.c: request JSON -> HttpRequest; transfer -> response JSON ---- */
 typedef struct HttpRequest
@@ -133,6 +147,7 @@ typedef struct HttpResult
 	size_t		body_len;
 	bool		too_large;
 	bool		refused;		/* the guard refused the address */
+	bool		permanent;		/* a failure no retry can mend; error says why */
 	int64		elapsed_ms;
 } HttpResult;
 
@@ -187,8 +202,11 @@ extern void kinds_invalidate(void);
 extern Jsonb *logic_request(Kind *kind, Oid owner, Jsonb *state, bool *finished);
 extern Jsonb *logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response);
 extern bool logic_done(Kind *kind, Oid owner, Jsonb *state);
+extern void logic_check_state_size(Jsonb *state);
 extern void logic_capture_search_path(void);
-extern void logic_begin_job(void);
+extern void logic_begin_job(int64 job_id);
+extern char *logic_failure_text(ErrorData *edata);
+extern char *logic_take_overrun(int64 *job_id);
 extern void logic_end_job(bool aborted);
 
 /* ---- store.c: every statement the worker runs ---- */
@@ -224,6 +242,7 @@ extern void store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *t
 						   Datum *values, const char *nulls, int expected);
 extern void store_prepare(int worker);
 extern void store_release_all(int *siblings, int nsiblings);
+extern void store_fail_job(int64 id, const char *reason);
 extern int	store_claim(int limit, ClaimedJob *out, MemoryContext cxt);
 extern TimestampTz store_next_runnable(void);
 extern int	store_update_jobs(JobUpdate *updates, int n, bool *applied);
@@ -334,7 +353,7 @@ extern void stats_record_load(int worker, int held, int in_flight);
 extern int	stats_least_held_peer(int worker, int max_held, int64 active_ms);
 
 /* ---- batch.c: the transaction that advances jobs ---- */
-extern void batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
+extern bool batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 					  HeldJob **parked, int nparked, bool claim, bool heartbeat, bool rescan);
 extern bool batch_has_deferred(void);
 extern bool batch_claim_wanted;

@@ -13,6 +13,19 @@
  * call (each costs a walk over every GUC in PostgreSQL 15).  On error the
  * subtransaction's abort restores the user, the GUCs and the timeout.
  *
+ * jobloop.function_timeout is enforced in two stages.  At the limit the
+ * call is cancelled like a statement (an error the job fails with).  A
+ * function may catch that cancel and go on -- PL/pgSQL's WHEN
+ * query_canceled, any PL's try/except -- so if it is still running a grace
+ * period later, the worker stops itself with FATAL, which no function can
+ * catch.  Its successor then fails that job with the reason (recorded in
+ * shared memory) and frees the others at once, so one role's function can
+ * hold every other role's jobs up for seconds, never for good.
+ *
+ * Session state a function can leave behind beyond settings -- session-level
+ * advisory locks -- is released after each job, so that nothing of one job
+ * reaches the next one or stays held by the worker.
+ *
  * The functions are called through cached FmgrInfo, not SQL: the executor's
  * EXECUTE check is therefore made here, on every call, because the
  * submitter's privileges may have changed since submit.
@@ -23,6 +36,7 @@
 
 #include "miscadmin.h"
 #include "catalog/pg_proc.h"
+#include "storage/lock.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -40,6 +54,45 @@ static struct
 	int			saved_sec_context;
 	int			saved_nestlevel;
 }			as_owner;
+
+/* the call running now, for the timeouts and their messages */
+static struct
+{
+	int64		job_id;
+	Oid			fn;
+	const char *what;			/* "request", "step" or "done" */
+	bool		running;
+}			current;
+
+static TimeoutId overrun_timeout = MAX_TIMEOUTS;	/* not registered yet */
+
+/*
+ * A function ran a grace period past its cancellation.  A signal handler:
+ * it only records which job it was, where the worker's successor finds it
+ * (only this process writes its slot's overrun fields, and only its
+ * successor reads them), and asks for FATAL at the next interrupt check.
+ */
+static void
+overrun_handler(void)
+{
+	WorkerSlot *slot = shared_slot(my_worker_number);
+
+	if (slot != NULL && current.running)
+	{
+		slot->overrun_job = current.job_id;
+		slot->overrun_fn = current.fn;
+	}
+	ProcDiePending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+}
+
+/* How long after its cancellation a function may still run. */
+static int
+grace_ms(void)
+{
+	return Max(100, Min(jobloop_function_timeout, 1000));
+}
 
 /* the search_path the database gives sessions, for the business logic */
 static char *user_search_path = NULL;
@@ -128,9 +181,20 @@ switch_to_owner(Oid owner)
 
 /* Before a job's calls, inside the subtransaction that wraps them. */
 void
-logic_begin_job(void)
+logic_begin_job(int64 job_id)
 {
 	as_owner.active = false;
+	current.job_id = job_id;
+	current.running = false;
+}
+
+static void
+disable_call_timeouts(void)
+{
+	/* keep the indicators: logic_failure_text asks them afterwards */
+	if (overrun_timeout != MAX_TIMEOUTS)
+		disable_timeout(overrun_timeout, true);
+	disable_timeout(STATEMENT_TIMEOUT, true);
 }
 
 /*
@@ -140,6 +204,10 @@ logic_begin_job(void)
 void
 logic_end_job(bool aborted)
 {
+	current.running = false;
+	disable_call_timeouts();
+	/* a session-level advisory lock would outlive the job, held by us */
+	LockReleaseSession(USER_LOCKMETHOD);
 	if (as_owner.active && !aborted)
 	{
 		/*
@@ -159,20 +227,71 @@ begin_call(Kind *kind, Oid fn, Oid owner, const char *what)
 	check_callable(kind, fn, owner, what);
 	ensure_fmgr(kind);
 	switch_to_owner(owner);
+	current.fn = fn;
+	current.what = what;
+	current.running = true;
 	if (jobloop_function_timeout > 0)
+	{
+		if (overrun_timeout == MAX_TIMEOUTS)
+			overrun_timeout = RegisterTimeout(USER_TIMEOUT, overrun_handler);
+		/* reset: the indicator says whether this call was cancelled */
+		(void) get_timeout_indicator(STATEMENT_TIMEOUT, true);
 		enable_timeout_after(STATEMENT_TIMEOUT, jobloop_function_timeout);
+		enable_timeout_after(overrun_timeout, jobloop_function_timeout + grace_ms());
+	}
 }
 
 static void
 end_call(void)
 {
+	current.running = false;
 	if (jobloop_function_timeout > 0)
 	{
-		disable_timeout(STATEMENT_TIMEOUT, false);
+		disable_call_timeouts();
 		/* a timeout that fired just after the function returned cancels nothing */
-		if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
+		if (get_timeout_indicator(STATEMENT_TIMEOUT, false))
 			QueryCancelPending = false;
 	}
+}
+
+/*
+ * The reason a job's call failed, for last_error.  Our cancellation says
+ * which function and which setting, not "canceling statement due to
+ * statement timeout".
+ */
+char *
+logic_failure_text(ErrorData *edata)
+{
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && current.what != NULL &&
+		get_timeout_indicator(STATEMENT_TIMEOUT, false))
+		return psprintf("%s function %s ran longer than jobloop.function_timeout (%d ms)",
+						current.what, function_name(current.fn), jobloop_function_timeout);
+	if (edata->detail)
+		return psprintf("%s (%s)", edata->message, edata->detail);
+	return pstrdup(edata->message);
+}
+
+/*
+ * Our predecessor in this slot stopped itself because a function ignored
+ * its cancellation (see overrun_handler): the reason for that job's
+ * last_error, or NULL.  Clears the record.
+ */
+char *
+logic_take_overrun(int64 *job_id)
+{
+	WorkerSlot *slot = shared_slot(my_worker_number);
+	char	   *reason;
+
+	if (slot == NULL || slot->overrun_job == 0)
+		return NULL;
+	*job_id = slot->overrun_job;
+	reason = psprintf("%s ran past jobloop.function_timeout (%d ms) and ignored its cancellation; "
+					  "the worker running it was restarted",
+					  OidIsValid(slot->overrun_fn) ? function_name(slot->overrun_fn) : "a function",
+					  jobloop_function_timeout);
+	slot->overrun_job = 0;
+	slot->overrun_fn = InvalidOid;
+	return reason;
 }
 
 static Datum
@@ -206,6 +325,20 @@ object_result(Kind *kind, Oid fn, Datum result, bool isnull, const char *what)
 	return jb;
 }
 
+/* A state over jobloop.max_state_size is an error, where it is made. */
+void
+logic_check_state_size(Jsonb *state)
+{
+	Size		size = VARSIZE(state);
+
+	if (size > (Size) jobloop_max_state_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("job state is %zu bytes, more than jobloop.max_state_size (%d bytes)",
+						size, jobloop_max_state_size),
+				 errhint("Keep large data in a table and put its key in the state.")));
+}
+
 /* The next request for state; NULL and *finished when the function says the job is done. */
 Jsonb *
 logic_request(Kind *kind, Oid owner, Jsonb *state, bool *finished)
@@ -236,6 +369,7 @@ logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("step function %s returned NULL", function_name(kind->step_fn)),
 				 errhint("A step function returns the job's new state, a JSON object.")));
+	logic_check_state_size(new_state);
 	return new_state;
 }
 

@@ -18,6 +18,8 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
+#include "storage/lock.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -95,6 +97,34 @@ store_release_all(int *siblings, int nsiblings)
 			 my_worker, SPI_processed);
 }
 
+/*
+ * Fail one job we held, at start, before it is released: its function
+ * ignored jobloop.function_timeout and stopped our predecessor (logic.c),
+ * so running it again would only stop us too.
+ */
+void
+store_fail_job(int64 id, const char *reason)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {INT8OID, TEXTOID, INT4OID};
+	Datum		values[3] = {Int64GetDatum(id), CStringGetTextDatum(reason), Int32GetDatum(my_worker)};
+	bool		isnull;
+
+	store_run_plan(&plan,
+				   "UPDATE jobloop.job SET status = 'failed', last_error = $2, worker = NULL,"
+				   "   lease_expires_at = NULL, finished_at = now(), updated_at = now()"
+				   " WHERE id = $1 AND worker = $3 AND status = ANY (ARRAY['pending', 'running'])"
+				   " RETURNING step, tenant, kind",
+				   3, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+	if (SPI_processed == 0)
+		return;
+	elog(LOG, "jobloop worker %d failed job " INT64_FORMAT ": %s", my_worker, id, reason);
+	notify_job(id, "failed",
+			   DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)),
+			   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2),
+			   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3));
+}
+
 static char *
 copy_text(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
 {
@@ -125,18 +155,32 @@ copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
  * claiming at once would each fill it.  When any tenant cap exists, claims
  * take turns (until the claiming transaction ends), and the claim statement
  * that follows sees the other worker's committed claims.
+ *
+ * The turn is a heavyweight lock of type "userlock", which no SQL function
+ * can take (an advisory lock could be taken, and held for ever, by any
+ * role, and every worker would wait behind it).  So a worker only ever
+ * waits here for another jobloop worker's claiming transaction.
  */
 static void
 take_turns_if_capped(void)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[1] = {INT4OID};
-	Datum		values[1] = {Int32GetDatum(jobloop_tenant_max_concurrency)};
+	LOCKTAG		tag;
 
-	store_run_plan(&plan,
-				   "SELECT pg_advisory_xact_lock(1785688949, 1)"
-				   " WHERE $1 > 0 OR EXISTS (SELECT FROM jobloop.tenant_limit)",
-				   1, types, values, NULL, SPI_OK_SELECT);
+	if (jobloop_tenant_max_concurrency <= 0)
+	{
+		store_run_plan(&plan, "SELECT FROM jobloop.tenant_limit LIMIT 1",
+					   0, NULL, NULL, NULL, SPI_OK_SELECT);
+		if (SPI_processed == 0)
+			return;
+	}
+	memset(&tag, 0, sizeof(tag));
+	tag.locktag_field1 = MyDatabaseId;
+	tag.locktag_field2 = JOBLOOP_LOCK_KEY;
+	tag.locktag_field3 = JOBLOOP_LOCK_CLAIM_TURN;
+	tag.locktag_type = LOCKTAG_USERLOCK;
+	tag.locktag_lockmethodid = DEFAULT_LOCKMETHOD;
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
 /*

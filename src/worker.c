@@ -61,7 +61,11 @@ release_all(void *arg)
 {
 	int			siblings[JOBLOOP_MAX_WORKERS];
 	int			n = shared_database_workers(my_database, siblings, JOBLOOP_MAX_WORKERS);
+	int64		overrun_job;
+	char	   *reason = logic_take_overrun(&overrun_job);
 
+	if (reason)
+		store_fail_job(overrun_job, reason);
 	store_release_all(siblings, n);
 }
 
@@ -72,7 +76,6 @@ reload_config_if_asked(void)
 	{
 		ConfigReloadPending = false;
 		ProcessConfigFile(PGC_SIGHUP);
-		guard_reload();
 	}
 }
 
@@ -101,6 +104,29 @@ wait_for_extension(void)
 		CHECK_FOR_INTERRUPTS();
 		reload_config_if_asked();
 	}
+}
+
+/*
+ * DROP EXTENSION jobloop ran: the jobs we hold are gone with their table.
+ * Let go of them and of their calls, wait for the extension to come back,
+ * and start as a new worker would -- without a restart or an error.
+ */
+static void
+start_over(void)
+{
+	HeldJob   **jobs = palloc(Max(held_count(), 1) * sizeof(HeldJob *));
+	int			n = held_all(jobs, held_count());
+
+	elog(LOG, "jobloop worker %d: extension jobloop was dropped in database \"%s\"; "
+		 "%d jobs in progress are gone with it",
+		 my_worker, my_database, n);
+	for (int i = 0; i < n; i++)
+		held_drop(jobs[i]);
+	pfree(jobs);
+	kinds_invalidate();
+	wait_for_extension();
+	in_transaction(release_all, NULL);
+	batch_claim_wanted = true;
 }
 
 /* Milliseconds until the earliest thing we must do, capped at a minute. */
@@ -266,8 +292,9 @@ jobloop_worker_main(Datum main_arg)
 		if (nresponded > 0 || ncancels > 0 || nparked > 0 || rescan || heartbeat || claim ||
 			batch_has_deferred())
 		{
-			batch_run(responded, nresponded, cancels, ncancels, parked, nparked,
-					  claim, heartbeat, rescan);
+			if (!batch_run(responded, nresponded, cancels, ncancels, parked, nparked,
+						   claim, heartbeat, rescan))
+				start_over();
 			MemoryContextSwitchTo(loop_cxt);
 		}
 		if (heartbeat)
