@@ -47,11 +47,22 @@
  * N = 1,000, L ~ 0, curl_multi_remove_handle fell from 2.5% of the worker's
  * CPU with shards of 500 to 0.7% with 100.
  */
+/*
+ * Idle shards: libcurl watches no socket of an idle cached connection, so a
+ * connection the server closes while no transfer uses it stays open (in
+ * CLOSE-WAIT) until libcurl next looks for one to reuse -- after a burst,
+ * thousands of them, with their buffers, for as long as the worker stays
+ * idle.  A shard with no transfer for jobloop.idle_connection_timeout is therefore
+ * closed whole (its connections and caches), and when no shard is left the
+ * spare easy handles are freed too, so that an idle worker gives its memory
+ * and descriptors back.  A new burst opens new connections.
+ */
 typedef struct Shard
 {
 	CURLM	   *multi;
 	int			index;
 	int			in_flight;
+	TimestampTz idle_since;		/* when in_flight fell to 0; 0 while busy */
 	bool		has_deadline;
 	TimestampTz deadline;		/* when curl wants socket_action(TIMEOUT) */
 } Shard;
@@ -78,8 +89,10 @@ struct Transfer
 	Transfer   *next_free;
 };
 
-static Shard **shards = NULL;	/* each allocated apart: transfers point to theirs */
-static int	nshards = 0;
+static Shard **shards = NULL;	/* each allocated apart: transfers point to theirs;
+								 * NULL where an idle one was closed */
+static int	nshards = 0;		/* slots used in shards[] */
+static int	live_shards = 0;
 static int	max_shards = 0;
 static int	epoll_fd = -1;
 static int	in_flight = 0;
@@ -329,13 +342,25 @@ pick_shard(void)
 	Shard	   *best = NULL;
 	Shard	   *shard;
 
+	int			slot = -1;
+
 	for (int i = 0; i < nshards; i++)
-		if (shards[i]->in_flight < TRANSFERS_PER_SHARD &&
-			(best == NULL || shards[i]->in_flight < best->in_flight))
+	{
+		if (shards[i] == NULL)
+		{
+			if (slot < 0)
+				slot = i;
+		}
+		else if (shards[i]->in_flight < TRANSFERS_PER_SHARD &&
+				 (best == NULL || shards[i]->in_flight < best->in_flight))
 			best = shards[i];
+	}
 	if (best)
+	{
+		best->idle_since = 0;
 		return best;
-	if (nshards == max_shards)
+	}
+	if (slot < 0 && nshards == max_shards)
 	{
 		int			n = Max(4, max_shards * 2);
 		Shard	  **grown = realloc(shards, n * sizeof(Shard *));
@@ -357,8 +382,11 @@ pick_shard(void)
 		free(shard);
 		return NULL;
 	}
-	shard->index = nshards;
-	shards[nshards++] = shard;
+	if (slot < 0)
+		slot = nshards++;
+	shard->index = slot;
+	shards[slot] = shard;
+	live_shards++;
 	return shard;
 }
 
@@ -599,6 +627,53 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 
 /* ---- driving ---- */
 
+static void
+shard_transfer_gone(Shard *shard)
+{
+	if (--shard->in_flight == 0)
+		shard->idle_since = GetCurrentTimestamp();
+}
+
+/*
+ * Close the shards that have been idle for jobloop.idle_connection_timeout, and with the
+ * last one the spare easy handles (see "Idle shards").  Returns true if it
+ * freed anything.
+ */
+bool
+http_close_idle(TimestampTz now)
+{
+	bool		closed = false;
+
+	for (int i = 0; i < nshards; i++)
+	{
+		Shard	   *shard = shards[i];
+
+		if (shard == NULL || shard->in_flight > 0 || shard->idle_since == 0 ||
+			now - shard->idle_since < (TimestampTz) jobloop_idle_connection_timeout * USECS_PER_SEC)
+			continue;
+		/* closes its connections; the socket callback takes them off epoll */
+		(void) curl_multi_cleanup(shard->multi);
+		free(shard);
+		shards[i] = NULL;
+		live_shards--;
+		closed = true;
+	}
+	while (nshards > 0 && shards[nshards - 1] == NULL)
+		nshards--;
+	if (closed && live_shards == 0)
+	{
+		while (free_transfers)
+		{
+			Transfer   *xfer = free_transfers;
+
+			free_transfers = xfer->next_free;
+			curl_easy_cleanup(xfer->easy);
+			free(xfer);
+		}
+	}
+	return closed;
+}
+
 void
 http_socket_ready(void)
 {
@@ -622,7 +697,7 @@ http_socket_ready(void)
 			if (events[i].events & (EPOLLERR | EPOLLHUP))
 				flags |= CURL_CSELECT_ERR;
 			/* an error here is the transfer's, and reaches us as its result */
-			if (index < nshards)
+			if (index < nshards && shards[index] != NULL)
 				(void) curl_multi_socket_action(shards[index]->multi, fd, flags, &running);
 		}
 	} while (n == EPOLL_BATCH);
@@ -634,7 +709,7 @@ http_timer_fired(TimestampTz now)
 	int			running;
 
 	for (int i = 0; i < nshards; i++)
-		if (shards[i]->has_deadline && now >= shards[i]->deadline)
+		if (shards[i] != NULL && shards[i]->has_deadline && now >= shards[i]->deadline)
 		{
 			shards[i]->has_deadline = false;
 			(void) curl_multi_socket_action(shards[i]->multi, CURL_SOCKET_TIMEOUT, 0, &running);
@@ -651,8 +726,21 @@ http_next_timeout(void)
 	if (failed_transfers)
 		return GetCurrentTimestamp();
 	for (int i = 0; i < nshards; i++)
-		if (shards[i]->has_deadline && (next == 0 || shards[i]->deadline < next))
-			next = shards[i]->deadline;
+	{
+		Shard	   *shard = shards[i];
+		TimestampTz t;
+
+		if (shard == NULL)
+			continue;
+		if (shard->has_deadline)
+			t = shard->deadline;
+		else if (shard->idle_since != 0)
+			t = shard->idle_since + (TimestampTz) jobloop_idle_connection_timeout * USECS_PER_SEC;
+		else
+			continue;
+		if (next == 0 || t < next)
+			next = t;
+	}
 	return next;
 }
 
@@ -773,7 +861,7 @@ take_finished(CURLMsg *msg, void **owner, HttpResult *res)
 		xfer == NULL)
 		elog(PANIC, "libcurl returned a transfer that is not jobloop's");
 	(void) curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
-	xfer->shard->in_flight--;
+	shard_transfer_gone(xfer->shard);
 	in_flight--;
 	return take_result(xfer, code, owner, res);
 }
@@ -807,6 +895,8 @@ http_next_finished(void **owner, HttpResult *res)
 	{
 		int			s = (next_shard + i) % nshards;
 
+		if (shards[s] == NULL)
+			continue;
 		while ((msg = curl_multi_info_read(shards[s]->multi, &left)) != NULL)
 			if (msg->msg == CURLMSG_DONE)
 			{
@@ -856,7 +946,7 @@ http_abort(Transfer *xfer)
 	else
 	{
 		(void) curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
-		xfer->shard->in_flight--;
+		shard_transfer_gone(xfer->shard);
 	}
 	in_flight--;
 	http_done(xfer);

@@ -38,6 +38,7 @@ int			jobloop_tenant_max_concurrency = 0;
 int			jobloop_retention = 7 * 86400;
 int			jobloop_max_state_size = 1024 * 1024;
 int			jobloop_max_request_size = 1024 * 1024;
+int			jobloop_idle_connection_timeout = 30;
 
 static void
 define_gucs(void)
@@ -184,6 +185,15 @@ define_gucs(void)
 							1024 * 1024, 1024, 128 * 1024 * 1024,
 							PGC_SIGHUP,
 							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.idle_connection_timeout",
+							"How long a worker keeps connections that no request uses.",
+							"After that it closes them and gives their memory back.",
+							&jobloop_idle_connection_timeout,
+							30, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("jobloop");

@@ -45,6 +45,7 @@ extern int	jobloop_tenant_max_concurrency;
 extern int	jobloop_retention;			/* seconds; 0 keeps finished jobs forever */
 extern int	jobloop_max_state_size;		/* bytes */
 extern int	jobloop_max_request_size;	/* bytes */
+extern int	jobloop_idle_connection_timeout;	/* seconds */
 
 /* ---- shared.c: shared memory between backends and workers ---- */
 #define CANCEL_QUEUE_SIZE	256
@@ -173,6 +174,7 @@ extern TimestampTz http_next_timeout(void);
 extern Transfer *http_next_finished(void **owner, HttpResult *result);
 extern void http_done(Transfer *xfer);
 extern int	http_in_flight(void);
+extern bool http_close_idle(TimestampTz now);
 
 /* ---- kinds.c: the worker's cache of jobloop.kind ---- */
 typedef struct Kind

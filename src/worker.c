@@ -34,6 +34,23 @@
 static int	my_worker;
 static char my_database[NAMEDATALEN];
 static bool trimmed = false;	/* memory given back since the last job left */
+static TimestampTz stats_due = 0;	/* table statistics still to report then; 0: none */
+
+/*
+ * Table statistics (rows inserted, updated, deleted; dead tuples) are
+ * counted per backend and must be reported, as every backend does when it
+ * goes idle -- else autovacuum and autoanalyze never see the updates and
+ * deletes the workers make, nearly all of jobloop.job's churn, and the
+ * table bloats.  pgstat_report_stat(false) reports at most once a second;
+ * what it holds back is reported by a later turn (wait_timeout wakes us).
+ */
+static void
+report_stats(TimestampTz now)
+{
+	long		retry_ms = pgstat_report_stat(false);
+
+	stats_due = retry_ms > 0 ? now + (TimestampTz) retry_ms * 1000 : 0;
+}
 
 /* Run fn in a transaction of its own, with SPI connected. */
 static void
@@ -48,6 +65,7 @@ in_transaction(void (*fn) (void *), void *arg)
 	PopActiveSnapshot();
 	SPI_finish();
 	CommitTransactionCommand();
+	report_stats(GetCurrentTimestamp());
 }
 
 static void
@@ -142,6 +160,8 @@ wait_timeout(TimestampTz now, TimestampTz next_heartbeat)
 		next = t;
 	if ((t = held_next_blocked()) != 0 && t < next)
 		next = t;
+	if (stats_due != 0 && stats_due < next)
+		next = stats_due;
 	if (held_count() < jobloop_max_in_flight && batch_next_claim_at < next)
 		next = batch_next_claim_at;
 	/* an update deferred by a row lock: try again soon, without spinning */
@@ -295,11 +315,14 @@ jobloop_worker_main(Datum main_arg)
 			if (!batch_run(responded, nresponded, cancels, ncancels, parked, nparked,
 						   claim, heartbeat, rescan))
 				start_over();
+			report_stats(GetCurrentTimestamp());
 			MemoryContextSwitchTo(loop_cxt);
 		}
 		if (heartbeat)
 			next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
-		if (heartbeat || (held_count() == 0 && !trimmed))
+		if (stats_due != 0 && now >= stats_due)
+			report_stats(now);
+		if (http_close_idle(now) || heartbeat || (held_count() == 0 && !trimmed))
 			(void) malloc_trim(0);	/* see keep_freed_memory() */
 		trimmed = held_count() == 0;
 
