@@ -8,6 +8,7 @@ OBJS = \
 	src/kinds.o \
 	src/logic.o \
 	src/request.o \
+	src/headers.o \
 	src/http.o \
 	src/guard.o \
 	src/allowlist.o \

@@ -26,6 +26,8 @@
 #include "utils/json.h"
 #include "utils/numeric.h"
 
+#include "headers.h"
+
 #define MAX_URL_LEN		8192
 #define MAX_HEADERS		100
 
@@ -384,48 +386,62 @@ typedef struct HeaderList
 	StringInfoData values[MAX_HEADERS];
 } HeaderList;
 
-/* Split the raw header block; names lower-cased, repeated headers joined by ", ". */
+/*
+ * The response's headers as a step function sees them, from the fields
+ * headers.c splits the raw block into: names lower-cased, a repeated
+ * header's values joined by ", " (RFC 9110 section 5.3), a folded line
+ * joined to its field by a space, and names after the first MAX_HEADERS
+ * dropped (http.c caps the block's size, not its number of lines).
+ */
 static void
 parse_response_headers(const HttpResult *res, HeaderList *list)
 {
-	const char *p = res->headers;
-	const char *end = res->headers + res->headers_len;
+	HeaderIter	it;
+	HeaderField field;
+	int			last = -1;		/* where a folded line goes; -1: dropped */
 
 	list->n = 0;
-	while (p && p < end)
+	header_iter_init(&it, res->headers, res->headers_len);
+	while (header_iter_next(&it, &field))
 	{
-		const char *eol = memchr(p, '\n', end - p);
-		const char *line_end = eol ? eol : end;
-		const char *colon = memchr(p, ':', line_end - p);
+		char	   *name;
+		int			i;
 
-		if (colon && colon > p && pg_strncasecmp(p, "HTTP/", 5) != 0)
+		if (field.continuation)
 		{
-			char	   *name = pnstrdup(p, colon - p);
-			const char *v = colon + 1;
-			const char *v_end = line_end;
-			int			i;
-
-			for (char *c = name; *c; c++)
-				*c = pg_tolower((unsigned char) *c);
-			while (v < v_end && (*v == ' ' || *v == '\t'))
-				v++;
-			while (v_end > v && (v_end[-1] == '\r' || v_end[-1] == ' ' || v_end[-1] == '\t'))
-				v_end--;
-			for (i = 0; i < list->n; i++)
-				if (strcmp(list->names[i], name) == 0)
-					break;
-			if (i == list->n && list->n < MAX_HEADERS)
+			if (last >= 0)
 			{
-				list->names[list->n] = name;
-				initStringInfo(&list->values[list->n]);
-				list->n++;
+				if (list->values[last].len > 0)
+					appendStringInfoChar(&list->values[last], ' ');
+				appendBinaryStringInfo(&list->values[last], field.value, (int) field.value_len);
 			}
-			else if (i < list->n)
-				appendStringInfoString(&list->values[i], ", ");
-			if (i < list->n)
-				appendBinaryStringInfo(&list->values[i], v, v_end - v);
+			continue;
 		}
-		p = eol ? eol + 1 : end;
+		name = pnstrdup(field.name, field.name_len);
+		for (char *c = name; *c; c++)
+			*c = pg_tolower((unsigned char) *c);
+		for (i = 0; i < list->n; i++)
+			if (strcmp(list->names[i], name) == 0)
+				break;
+		if (i < list->n)
+		{
+			pfree(name);
+			appendStringInfoString(&list->values[i], ", ");
+		}
+		else if (list->n < MAX_HEADERS)
+		{
+			list->names[i] = name;
+			initStringInfo(&list->values[i]);
+			list->n++;
+		}
+		else
+		{
+			pfree(name);
+			last = -1;
+			continue;
+		}
+		appendBinaryStringInfo(&list->values[i], field.value, (int) field.value_len);
+		last = i;
 	}
 }
 
@@ -441,25 +457,11 @@ response_header(const HttpResult *res, const char *name)
 	return NULL;
 }
 
-/* Retry-After in milliseconds (delta-seconds or an HTTP date, at most an hour), or -1. */
+/* Retry-After in milliseconds (see retry_after_ms), or -1 if there is none. */
 int64
 response_retry_after_ms(const HttpResult *res)
 {
-	char	   *value = response_header(res, "retry-after");
-	char	   *end;
-	long		secs;
-	time_t		when;
-	const int64 max_ms = 3600 * 1000;
-
-	if (value == NULL)
-		return -1;
-	secs = strtol(value, &end, 10);
-	if (end != value && *end == '\0' && secs >= 0)
-		return Min((int64) secs * 1000, max_ms);
-	when = curl_getdate(value, NULL);
-	if (when < 0)
-		return -1;
-	return Min(Max((int64) (when - time(NULL)) * 1000, 0), max_ms);
+	return retry_after_ms(response_header(res, "retry-after"), time(NULL));
 }
 
 /* A key: ours are ASCII; a header name comes from the API and is cleaned like text. */
