@@ -22,7 +22,7 @@ OBJS = \
 
 EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
-REGRESS = kinds submit cancel guard privileges limits upgrade
+REGRESS = kinds submit cancel guard privileges limits ops upgrade
 # Isolation specs: test/isolation/specs/NAME.spec, expected output in test/isolation/expected/.
 ISOLATION = claim cancel_step submit_claim
 ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop
@@ -38,4 +38,4 @@ include $(PGXS)
 # Every source file includes src/jobloop.h, whose structs live in shared memory: rebuild
 # them all when it changes.  (PGXS tracks no header dependencies; a stale object built
 # against an older WorkerSlot once wrote into the next slot's spinlock.)
-$(OBJS) $(OBJS:.o=.bc): src/jobloop.h
+$(OBJS) $(OBJS:.o=.bc): src/jobloop.h src/compat.h

@@ -5,8 +5,8 @@
  *
  * Plain C with no PostgreSQL backend calls, so that the same code runs in
  * the GUC check hook, in the worker's connect callback and in a libFuzzer
- * target (test/fuzz).  Memory comes from malloc: a GUC check hook hands its
- * result to the assign hook as "extra", which PostgreSQL frees with free().
+ * target (test/fuzz).  Memory comes from malloc; the GUC check hook copies
+ * its result into the memory PostgreSQL keeps GUC extras in (compat.h).
  *
  *-------------------------------------------------------------------------
  */

@@ -23,6 +23,7 @@
 #include "commands/async.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
@@ -38,8 +39,12 @@ PG_FUNCTION_INFO_V1(jobloop_drop_kind);
 PG_FUNCTION_INFO_V1(jobloop_submit);
 PG_FUNCTION_INFO_V1(jobloop_cancel);
 PG_FUNCTION_INFO_V1(jobloop_check_served);
+PG_FUNCTION_INFO_V1(jobloop_retry);
+PG_FUNCTION_INFO_V1(jobloop_submitted_in_this_transaction);
 
 #define MAX_TENANT_LEN	200
+#define MAX_UNIQUE_KEY_LEN	200
+#define NOTIFY_ERROR_BYTES	1000	/* of a failure's reason in its NOTIFY */
 
 /* ---- running as the extension owner ---- */
 
@@ -173,7 +178,8 @@ cancel_at_commit(int worker, int64 job_id)
 /* ---- notifications ---- */
 
 void
-notify_job(int64 id, const char *status, int32 step, const char *tenant, const char *kind)
+notify_job(int64 id, const char *status, int32 step, const char *tenant, const char *kind,
+		   const char *error)
 {
 	StringInfoData buf;
 
@@ -187,8 +193,22 @@ notify_job(int64 id, const char *status, int32 step, const char *tenant, const c
 		appendStringInfoString(&buf, "null");
 	appendStringInfoString(&buf, ", \"kind\": ");
 	escape_json(&buf, kind);
+	if (error)
+	{
+		/*
+		 * A failure carries its reason, so that a listener needs no round
+		 * trip; cut to NOTIFY_ERROR_BYTES (whole characters), which escaping
+		 * may at most sextuple.
+		 */
+		int			len = pg_mbcliplen(error, strlen(error), NOTIFY_ERROR_BYTES);
+		char	   *cut = pnstrdup(error, len);
+
+		appendStringInfoString(&buf, ", \"error\": ");
+		escape_json(&buf, cut);
+		pfree(cut);
+	}
 	appendStringInfoChar(&buf, '}');
-	/* tenant and kind names are bounded, so this stays far below 8000 bytes */
+	/* tenant, kind and error are bounded, so this stays below 8000 bytes */
 	Async_Notify(JOBLOOP_CHANNEL, buf.data);
 	pfree(buf.data);
 }
@@ -229,7 +249,7 @@ check_kind_function(Oid fn, Oid caller, const char *what, int nargs,
 				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
 				 errmsg("%s function %s has the wrong signature", what, format_procedure(fn)),
 				 errdetail("A %s function must be declared as %s.", what, expected)));
-	if (pg_proc_aclcheck(fn, caller, ACL_EXECUTE) != ACLCHECK_OK)
+	if (object_aclcheck(ProcedureRelationId, fn, caller, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for function %s", format_procedure(fn))));
@@ -474,11 +494,13 @@ jobloop_submit(PG_FUNCTION_ARGS)
 	OwnerContext cxt;
 	Oid			kind_types[1] = {TEXTOID};
 	Datum		kind_values[1];
-	Oid			types[5] = {TEXTOID, OIDOID, TEXTOID, JSONBOID, TIMESTAMPTZOID};
-	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	static SPIPlanPtr existing_plan = NULL;
+	Oid			types[6] = {TEXTOID, OIDOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TEXTOID};
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	char	   *unique_key = NULL;
 	bool		isnull;
-	int64		id;
+	int64		id = 0;
 
 	require_arg(fcinfo, 0, "kind");
 	require_arg(fcinfo, 1, "state");
@@ -498,6 +520,14 @@ jobloop_submit(PG_FUNCTION_ARGS)
 					 errmsg("tenant name is too long"),
 					 errdetail("A tenant name is at most %d bytes.", MAX_TENANT_LEN)));
 	}
+	if (PG_NARGS() > 4 && !PG_ARGISNULL(4))
+	{
+		unique_key = text_to_cstring(PG_GETARG_TEXT_PP(4));
+		if (unique_key[0] == '\0' || strlen(unique_key) > MAX_UNIQUE_KEY_LEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unique_key must be 1 to %d bytes long", MAX_UNIQUE_KEY_LEN)));
+	}
 
 	enter_owner_context(&cxt);
 
@@ -516,7 +546,8 @@ jobloop_submit(PG_FUNCTION_ARGS)
 		Oid			fn = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
 														SPI_tuptable->tupdesc, i, &isnull));
 
-		if (!isnull && pg_proc_aclcheck(fn, caller, ACL_EXECUTE) != ACLCHECK_OK)
+		if (!isnull &&
+			object_aclcheck(ProcedureRelationId, fn, caller, ACL_EXECUTE) != ACLCHECK_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied for function %s", format_procedure(fn)),
@@ -530,15 +561,63 @@ jobloop_submit(PG_FUNCTION_ARGS)
 	values[3] = JsonbPGetDatum(state);
 	values[4] = PG_ARGISNULL(3) ? (Datum) 0 : PG_GETARG_DATUM(3);
 	nulls[4] = PG_ARGISNULL(3) ? 'n' : ' ';
-	store_run_plan(&insert_plan,
-			 "INSERT INTO jobloop.job (kind, owner, tenant, state, run_after)"
-			 " VALUES ($1, $2::regrole, $3, $4, coalesce($5, now())) RETURNING id",
-			 5, types, values, nulls, SPI_OK_INSERT_RETURNING);
-	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	values[5] = unique_key ? CStringGetTextDatum(unique_key) : (Datum) 0;
+	nulls[5] = unique_key ? ' ' : 'n';
+
+	/*
+	 * With a unique_key, an unfinished job of this kind and owner with the
+	 * same key wins: ON CONFLICT waits for a concurrent submit of that key
+	 * to commit or abort, so two submits never both insert.  The job may
+	 * finish between our conflict and our look-up (it then no longer
+	 * blocks the key): try again.
+	 */
+	for (int attempt = 0; id == 0; attempt++)
+	{
+		if (PG_NARGS() < 5)
+		{
+			/* called through the 0.2.0 definition, before ALTER EXTENSION UPDATE */
+			static SPIPlanPtr legacy_plan = NULL;
+
+			store_run_plan(&legacy_plan,
+					 "INSERT INTO jobloop.job (kind, owner, tenant, state, run_after)"
+					 " VALUES ($1, $2::regrole, $3, $4, coalesce($5, now())) RETURNING id",
+					 5, types, values, nulls, SPI_OK_INSERT_RETURNING);
+			id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+			break;
+		}
+		if (attempt == 10)
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not submit job with unique_key \"%s\": jobs with that key keep finishing",
+							unique_key)));
+		store_run_plan(&insert_plan,
+				 "INSERT INTO jobloop.job (kind, owner, tenant, state, run_after, unique_key)"
+				 " VALUES ($1, $2::regrole, $3, $4, coalesce($5, now()), $6)"
+				 " ON CONFLICT (kind, owner, unique_key) WHERE unique_key IS NOT NULL"
+				 "   AND status = ANY (ARRAY['pending', 'running']) DO NOTHING"
+				 " RETURNING id",
+				 6, types, values, nulls, SPI_OK_INSERT_RETURNING);
+		if (SPI_processed > 0)
+		{
+			id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+			break;
+		}
+		store_run_plan(&existing_plan,
+				 "SELECT id FROM jobloop.job WHERE kind = $1 AND owner = $2::regrole"
+				 "   AND unique_key = $6 AND status = ANY (ARRAY['pending', 'running'])",
+				 6, types, values, nulls, SPI_OK_SELECT);
+		if (SPI_processed > 0)
+		{
+			/* the existing job: no new row, nothing to announce */
+			id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+			leave_owner_context(&cxt);
+			PG_RETURN_INT64(id);
+		}
+	}
 
 	leave_owner_context(&cxt);
 
-	notify_job(id, "pending", 0, tenant, kind);
+	notify_job(id, "pending", 0, tenant, kind, NULL);
 	wake_workers_at_commit();
 	warn_if_unserved();
 	PG_RETURN_INT64(id);
@@ -611,9 +690,114 @@ jobloop_cancel(PG_FUNCTION_ARGS)
 				 1, types, values, NULL, SPI_OK_UPDATE);
 		leave_owner_context(&cxt);
 
-		notify_job(id, "cancelled", step, tenant_str, kind);
+		notify_job(id, "cancelled", step, tenant_str, kind, NULL);
 	}
 	if (!worker_isnull)
 		cancel_at_commit(DatumGetInt32(worker), id);
 	PG_RETURN_BOOL(true);
+}
+
+/*
+ * Run a failed or cancelled job again, from the state and step it had last
+ * committed: a new attempt at that step (attempts and errors reset, the
+ * same Idempotency-Key as the step's earlier attempts).  For the job's
+ * owner and admins, like cancel().  False if the job is not finished, or
+ * completed (nothing to redo).
+ */
+Datum
+jobloop_retry(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr retry_plan = NULL;
+	Oid			caller = GetUserId();
+	int64		id;
+	OwnerContext cxt;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+	bool		isnull;
+	char	   *status;
+	char	   *tenant;
+	char	   *kind;
+	int32		step;
+	MemoryContext old;
+
+	require_arg(fcinfo, 0, "job id");
+	id = PG_GETARG_INT64(0);
+	values[0] = Int64GetDatum(id);
+
+	enter_owner_context(&cxt);
+	store_run_plan(&lock_plan,
+			 "SELECT owner::oid, status, step, tenant, kind FROM jobloop.job WHERE id = $1 FOR NO KEY UPDATE",
+			 1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0 ||
+		!(has_privs_of_role(caller,
+							DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+														   SPI_tuptable->tupdesc, 1, &isnull))) ||
+		  is_jobloop_admin(caller)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("job " INT64_FORMAT " does not exist", id)));
+
+	old = MemoryContextSwitchTo(CurTransactionContext);
+	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	step = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+	tenant = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
+	kind = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5);
+	MemoryContextSwitchTo(old);
+	if (strcmp(status, "failed") != 0 && strcmp(status, "cancelled") != 0)
+	{
+		leave_owner_context(&cxt);
+		PG_RETURN_BOOL(false);
+	}
+
+	PG_TRY();
+	{
+		store_run_plan(&retry_plan,
+				 "UPDATE jobloop.job SET status = 'pending', attempts = 0, last_error = NULL,"
+				 "   finished_at = NULL, run_after = now(), updated_at = now(),"
+				 "   worker = NULL, lease_expires_at = NULL, request = NULL"
+				 " WHERE id = $1",
+				 1, types, values, NULL, SPI_OK_UPDATE);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(old);
+		edata = CopyErrorData();
+		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+			PG_RE_THROW();
+		FlushErrorState();
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("cannot retry job " INT64_FORMAT ": another job with its unique_key is unfinished", id),
+				 errhint("Wait for that job to finish, or cancel it.")));
+	}
+	PG_END_TRY();
+	leave_owner_context(&cxt);
+
+	notify_job(id, "pending", step, tenant, kind, NULL);
+	wake_workers_at_commit();
+	PG_RETURN_BOOL(true);
+}
+
+/* Was the job's row inserted by this transaction?  Then no worker sees it. */
+Datum
+jobloop_submitted_in_this_transaction(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {PG_GETARG_DATUM(0)};
+	OwnerContext cxt;
+	bool		isnull;
+	bool		mine = false;
+
+	enter_owner_context(&cxt);
+	store_run_plan(&plan, "SELECT xmin FROM jobloop.job WHERE id = $1",
+				   1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed > 0)
+		mine = TransactionIdIsCurrentTransactionId(
+			DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
+	leave_owner_context(&cxt);
+	PG_RETURN_BOOL(mine);
 }

@@ -264,7 +264,8 @@ commit_and_act(void)
 		}
 		p->job->committed_step = p->job->step;
 		if (p->notify_status)
-			notify_job(p->job->id, p->notify_status, p->job->step, p->job->tenant, p->job->kind_name);
+			notify_job(p->job->id, p->notify_status, p->job->step, p->job->tenant, p->job->kind_name,
+					   strcmp(p->notify_status, "failed") == 0 ? updates[p->update].last_error : NULL);
 	}
 	/* a row still marked ours that we no longer track must not stay held forever */
 	if (nlost > 0)
@@ -610,7 +611,7 @@ start_claimed(ClaimedJob *c, TimestampTz now)
 		return;
 	job->kind = kinds_lookup(c->kind);
 	if (c->was_pending)
-		notify_job(job->id, "running", job->step, job->tenant, job->kind_name);
+		notify_job(job->id, "running", job->step, job->tenant, job->kind_name, NULL);
 	if (job->kind == NULL)
 	{
 		a.failure = psprintf("job kind \"%s\" no longer exists", c->kind);
@@ -725,7 +726,7 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 	 * DROP EXTENSION jobloop: its tables are gone, and every statement below
 	 * would fail.  (Once we have looked, DROP waits for our locks.)
 	 */
-	if (!store_extension_ready())
+	if (store_extension_state() != EXTENSION_READY)
 	{
 		PopActiveSnapshot();
 		SPI_finish();

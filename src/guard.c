@@ -51,7 +51,14 @@ guard_check_allowed_hosts(char **newval, void **extra, GucSource source)
 						  "separated by commas, or '*' for every address.");
 		return false;
 	}
-	*extra = list;				/* malloc'd, as GUC extras must be */
+	/* PostgreSQL frees the extra it replaces: in its memory, not malloc's (16+) */
+	*extra = compat_guc_extra(list, offsetof(AllowList, entries) + list->count * sizeof(AllowEntry));
+	free(list);
+	if (*extra == NULL)
+	{
+		GUC_check_errdetail("Out of memory.");
+		return false;
+	}
 	return true;
 }
 

@@ -138,6 +138,7 @@ held_add(ClaimedJob *c)
 	job->kind_name = MemoryContextStrdup(held_cxt, c->kind);
 	job->owner = c->owner;
 	job->tenant = c->tenant ? MemoryContextStrdup(held_cxt, c->tenant) : NULL;
+	job->key_token = c->key_token ? MemoryContextStrdup(held_cxt, c->key_token) : NULL;
 	job->step = c->step;
 	job->committed_step = c->step;
 	job->attempts = c->attempts;
@@ -167,6 +168,8 @@ held_drop(HeldJob *job)
 	pfree(job->kind_name);
 	if (job->tenant)
 		pfree(job->tenant);
+	if (job->key_token)
+		pfree(job->key_token);
 	if (job->state)
 		pfree(job->state);
 	if (job->request_json)
@@ -239,9 +242,17 @@ start_call(HeldJob *job, LimitVerdict *v, TimestampTz now)
 	int			timeout = job->kind && job->kind->timeout_ms > 0 ?
 		job->kind->timeout_ms : jobloop_request_timeout;
 
-	/* unique per (cluster, database, job, step); retries of a step reuse it */
-	snprintf(key, sizeof(key), "jobloop-" UINT64_FORMAT "-%u-" INT64_FORMAT "-%d",
-			 GetSystemIdentifier(), MyDatabaseId, job->id, job->step);
+	/*
+	 * One key per (job, step), the same for every retry and re-send of the
+	 * step, and after a restore, an upgrade or a failover: it is made of the
+	 * job's random token, which travels with its row.  Jobs submitted before
+	 * 0.3.0 have no token and keep the key they had.
+	 */
+	if (job->key_token)
+		snprintf(key, sizeof(key), "jobloop-%s-%d", job->key_token, job->step);
+	else
+		snprintf(key, sizeof(key), "jobloop-" UINT64_FORMAT "-%u-" INT64_FORMAT "-%d",
+				 GetSystemIdentifier(), MyDatabaseId, job->id, job->step);
 	job->transfer = http_start(job->request, key, timeout, job->transport_failed, job);
 	if (job->transfer == NULL)
 	{

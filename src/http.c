@@ -797,11 +797,15 @@ describe_failure(Transfer *xfer, CURLcode code, HttpResult *res)
 			res->permanent = true;
 			break;
 		case CURLE_OUT_OF_MEMORY:
+#if LIBCURL_VERSION_NUM >= 0x080600
+		case CURLE_TOO_LARGE:
+#endif
 
 			/*
 			 * libcurl 7.88 says only "out of memory" for a header line it will
-			 * not buffer: a response that began (we have its status line) but
-			 * whose headers never ended is that.
+			 * not buffer (8.6 and later: "a value or data field grew larger
+			 * than allowed"): a response that began (we have its status line)
+			 * but whose headers never ended is that.
 			 */
 			if (xfer->head_len > 0 && !headers_complete(xfer))
 			{

@@ -19,7 +19,7 @@
 #include "postmaster/bgworker.h"
 #include "utils/guc.h"
 
-PG_MODULE_MAGIC;
+COMPAT_MODULE_MAGIC("jobloop", JOBLOOP_VERSION);
 
 void		_PG_init(void);
 

@@ -24,7 +24,9 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#define JOBLOOP_VERSION		"0.2.0"
+#include "compat.h"
+
+#define JOBLOOP_VERSION		"0.3.0"
 #define JOBLOOP_CHANNEL		"jobloop"
 #define JOBLOOP_MAX_WORKERS	64
 #define ENDPOINT_LEN		128		/* longest endpoint (host:port or rate_key) + 1 */
@@ -210,6 +212,7 @@ extern void logic_begin_job(int64 job_id);
 extern char *logic_failure_text(ErrorData *edata);
 extern char *logic_take_overrun(int64 *job_id);
 extern void logic_end_job(bool aborted);
+extern bool logic_call_running(void);
 
 /* ---- store.c: every statement the worker runs ---- */
 typedef struct ClaimedJob
@@ -223,6 +226,7 @@ typedef struct ClaimedJob
 	Jsonb	   *state;
 	Jsonb	   *request;		/* NULL: compute from state */
 	bool		was_pending;
+	char	   *key_token;		/* the Idempotency-Key's; NULL for jobs from before 0.3.0 */
 } ClaimedJob;
 
 typedef struct JobUpdate
@@ -254,7 +258,12 @@ extern void store_release(int64 *ids, int n);
 extern int64 *store_held_ids(int *n);
 extern int	store_delete_expired(int limit);
 extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
-extern bool store_extension_ready(void);
+typedef enum ExtensionState
+{
+	EXTENSION_MISSING,
+	EXTENSION_READY
+} ExtensionState;
+extern ExtensionState store_extension_state(void);
 
 /* ---- api.c: the SQL API that writes, and what admin.c shares of it ---- */
 typedef struct OwnerContext
@@ -271,7 +280,7 @@ extern void require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 extern void wake_workers_at_commit(void);
 extern int64 interval_ms(Interval *span);
 extern void notify_job(int64 id, const char *status, int32 step, const char *tenant,
-					   const char *kind);
+					   const char *kind, const char *error);
 
 /* ---- held.c: the jobs a worker holds, in memory ---- */
 #include "lib/ilist.h"
@@ -294,6 +303,7 @@ typedef struct HeldJob
 	char	   *kind_name;
 	Oid			owner;
 	char	   *tenant;
+	char	   *key_token;		/* see ClaimedJob */
 	int32		step;			/* completed steps */
 	int32		committed_step;	/* step as the table has it: fences our updates */
 	int32		attempts;		/* failed attempts at the current step */

@@ -87,6 +87,13 @@ overrun_handler(void)
 	SetLatch(MyLatch);
 }
 
+/* Is a job's function running now?  (For the worker's SIGTERM handler.) */
+bool
+logic_call_running(void)
+{
+	return current.running;
+}
+
 /* How long after its cancellation a function may still run. */
 static int
 grace_ms(void)
@@ -139,7 +146,7 @@ check_callable(Kind *kind, Oid fn, Oid owner, const char *what)
 				(errcode(ERRCODE_UNDEFINED_FUNCTION),
 				 errmsg("%s function of job kind \"%s\" no longer exists", what, kind->name),
 				 errhint("Redefine the kind with jobloop.create_kind().")));
-	if (pg_proc_aclcheck(fn, owner, ACL_EXECUTE) != ACLCHECK_OK)
+	if (object_aclcheck(ProcedureRelationId, fn, owner, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for function %s", function_name(fn)),

@@ -165,10 +165,21 @@ add_header(HttpRequest *req, const char *name, int namelen, JsonbValue *v)
 	if (req->nheaders >= MAX_HEADERS)
 		invalid_request("too many headers");
 	if (pg_strcasecmp(n, "Idempotency-Key") == 0)
+	{
+		if (value[0] == '\0')
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid request: header \"Idempotency-Key\" is empty"),
+					 errhint("Leave the header out to have jobloop send one key per job and step.")));
 		req->has_idempotency_key = true;
+	}
 	if (pg_strcasecmp(n, "Content-Type") == 0)
 		req->has_content_type = true;
-	req->headers[req->nheaders++] = psprintf("%s: %s", n, value);
+	/* libcurl reads "Name:" as "remove Name"; "Name;" sends it empty */
+	if (value[0] == '\0')
+		req->headers[req->nheaders++] = psprintf("%s;", n);
+	else
+		req->headers[req->nheaders++] = psprintf("%s: %s", n, value);
 }
 
 static void
@@ -193,10 +204,21 @@ parse_headers(HttpRequest *req, JsonbValue *v)
 }
 
 static void
+check_body_size(size_t len)
+{
+	if (len > (size_t) jobloop_max_request_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("request body is %zu bytes, more than jobloop.max_request_size (%d bytes)",
+						len, jobloop_max_request_size)));
+}
+
+static void
 parse_body(HttpRequest *req, JsonbValue *v)
 {
 	if (v->type == jbvString)
 	{
+		check_body_size(v->val.string.len);
 		req->body = pnstrdup(v->val.string.val, v->val.string.len);
 		req->body_len = v->val.string.len;
 		return;
@@ -204,7 +226,11 @@ parse_body(HttpRequest *req, JsonbValue *v)
 	if (v->type == jbvNull)
 		return;
 	if (v->type == jbvBinary)
+	{
+		/* JSON text is rarely less than half its jsonb size: refuse early */
+		check_body_size(v->val.binary.len / 2);
 		req->body = JsonbToCString(NULL, v->val.binary.data, v->val.binary.len);
+	}
 	else
 	{
 		Jsonb	   *scalar = JsonbValueToJsonb(v);
@@ -212,6 +238,7 @@ parse_body(HttpRequest *req, JsonbValue *v)
 		req->body = JsonbToCString(NULL, &scalar->root, VARSIZE(scalar));
 	}
 	req->body_len = strlen(req->body);
+	check_body_size(req->body_len);
 	req->body_is_json = true;
 }
 
@@ -375,7 +402,7 @@ body_is_json(const HttpResult *res, const char *content_type)
 	if (!(content_type && strstr(content_type, "json")) &&
 		!(i < res->body_len && (res->body[i] == '{' || res->body[i] == '[')))
 		return false;
-	lex = makeJsonLexContextCstringLen(res->body, (int) res->body_len, GetDatabaseEncoding(), false);
+	lex = compat_json_lexer(res->body, res->body_len, GetDatabaseEncoding());
 	return pg_parse_json(lex, &nullSemAction) == JSON_SUCCESS;
 }
 

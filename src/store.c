@@ -14,6 +14,7 @@
  */
 #include "jobloop.h"
 
+#include "catalog/namespace.h"
 #include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
@@ -60,10 +61,26 @@ store_prepare(int worker)
 	my_worker = worker;
 }
 
-bool
-store_extension_ready(void)
+/* Does jobloop.job have key_token (0.3.0)?  See store_claim. */
+static bool has_key_tokens = true;
+
+/*
+ * Is the extension installed?  Also notes its schema's version: a worker
+ * with this library runs jobs of 0.1.0 and 0.2.0 schemas too, so that jobs
+ * keep running across ALTER EXTENSION jobloop UPDATE.
+ */
+ExtensionState
+store_extension_state(void)
 {
-	return OidIsValid(get_extension_oid("jobloop", true));
+	Oid			schema;
+	Oid			job;
+
+	if (!OidIsValid(get_extension_oid("jobloop", true)))
+		return EXTENSION_MISSING;
+	schema = get_namespace_oid("jobloop", true);
+	job = OidIsValid(schema) ? get_relname_relid("job", schema) : InvalidOid;
+	has_key_tokens = OidIsValid(job) && get_attnum(job, "key_token") != InvalidAttrNumber;
+	return EXTENSION_READY;
 }
 
 /*
@@ -122,7 +139,7 @@ store_fail_job(int64 id, const char *reason)
 	notify_job(id, "failed",
 			   DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)),
 			   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2),
-			   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3));
+			   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3), reason);
 }
 
 static char *
@@ -195,10 +212,51 @@ take_turns_if_capped(void)
  * the same round.  When there are more tenants than slots, the round starts
  * after the tenant where the previous one stopped.
  */
+/* The claim statement, but for its last column (see store_claim). */
+#define CLAIM_SQL \
+	"WITH RECURSIVE tenants(t) AS (" \
+	"    (SELECT coalesce(tenant, '') FROM jobloop.job" \
+	"      WHERE worker IS NULL AND status = ANY (ARRAY['pending', 'running'])" \
+	"      ORDER BY 1 LIMIT 1)" \
+	"  UNION ALL" \
+	"    SELECT (SELECT coalesce(j.tenant, '') FROM jobloop.job j" \
+	"             WHERE j.worker IS NULL AND j.status = ANY (ARRAY['pending', 'running'])" \
+	"               AND coalesce(j.tenant, '') > tenants.t" \
+	"             ORDER BY 1 LIMIT 1)" \
+	"      FROM tenants WHERE tenants.t IS NOT NULL)," \
+	" room AS (" \
+	"    SELECT t.t, CASE WHEN coalesce(l.max_concurrency, $4) > 0" \
+	"      THEN greatest(coalesce(l.max_concurrency, $4) - (SELECT count(*) FROM jobloop.job h" \
+	"             WHERE coalesce(h.tenant, '') = t.t AND h.worker IS NOT NULL), 0)" \
+	"      ELSE $1 END AS room" \
+	"      FROM tenants t LEFT JOIN jobloop.tenant_limit l ON l.tenant = t.t" \
+	"     WHERE t.t IS NOT NULL)," \
+	" share AS (SELECT greatest(1, $1 / greatest(count(*), 1))::integer AS n" \
+	"             FROM room WHERE room > 0)," \
+	" c AS (" \
+	"    SELECT p.id, p.status, r.t FROM room r CROSS JOIN share s," \
+	"      LATERAL (SELECT j.id, j.status FROM jobloop.job j" \
+	"                WHERE coalesce(j.tenant, '') = r.t AND j.worker IS NULL" \
+	"                  AND j.status = ANY (ARRAY['pending', 'running'])" \
+	"                  AND j.run_after <= now()" \
+	"                ORDER BY j.run_after, j.id" \
+	"                LIMIT least(r.room, s.n)" \
+	"                FOR NO KEY UPDATE SKIP LOCKED) p" \
+	"     WHERE r.room > 0" \
+	"     ORDER BY r.t <= $5, r.t" \
+	"     LIMIT $1)" \
+	" UPDATE jobloop.job j SET worker = $2, status = 'running'," \
+	"   lease_expires_at = now() + make_interval(secs => $3)," \
+	"   started_at = coalesce(j.started_at, now()), updated_at = now()" \
+	"  FROM c WHERE j.id = c.id" \
+	" RETURNING j.id, j.kind, j.owner::oid, j.tenant, j.step, j.attempts, j.state," \
+	"   j.request, c.status = 'pending', c.t"
+
 int
 store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 {
 	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr plan_before_0_3 = NULL;
 	static char *cursor = NULL;
 	Oid			types[5] = {INT4OID, INT4OID, INT4OID, INT4OID, TEXTOID};
 	Datum		values[5] = {Int32GetDatum(limit), Int32GetDatum(my_worker),
@@ -208,45 +266,13 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 	char	   *last_any = NULL;
 
 	take_turns_if_capped();
-	store_run_plan(&plan,
-				   "WITH RECURSIVE tenants(t) AS ("
-				   "    (SELECT coalesce(tenant, '') FROM jobloop.job"
-				   "      WHERE worker IS NULL AND status = ANY (ARRAY['pending', 'running'])"
-				   "      ORDER BY 1 LIMIT 1)"
-				   "  UNION ALL"
-				   "    SELECT (SELECT coalesce(j.tenant, '') FROM jobloop.job j"
-				   "             WHERE j.worker IS NULL AND j.status = ANY (ARRAY['pending', 'running'])"
-				   "               AND coalesce(j.tenant, '') > tenants.t"
-				   "             ORDER BY 1 LIMIT 1)"
-				   "      FROM tenants WHERE tenants.t IS NOT NULL),"
-				   " room AS ("
-				   "    SELECT t.t, CASE WHEN coalesce(l.max_concurrency, $4) > 0"
-				   "      THEN greatest(coalesce(l.max_concurrency, $4) - (SELECT count(*) FROM jobloop.job h"
-				   "             WHERE coalesce(h.tenant, '') = t.t AND h.worker IS NOT NULL), 0)"
-				   "      ELSE $1 END AS room"
-				   "      FROM tenants t LEFT JOIN jobloop.tenant_limit l ON l.tenant = t.t"
-				   "     WHERE t.t IS NOT NULL),"
-				   " share AS (SELECT greatest(1, $1 / greatest(count(*), 1))::integer AS n"
-				   "             FROM room WHERE room > 0),"
-				   " c AS ("
-				   "    SELECT p.id, p.status, r.t FROM room r CROSS JOIN share s,"
-				   "      LATERAL (SELECT j.id, j.status FROM jobloop.job j"
-				   "                WHERE coalesce(j.tenant, '') = r.t AND j.worker IS NULL"
-				   "                  AND j.status = ANY (ARRAY['pending', 'running'])"
-				   "                  AND j.run_after <= now()"
-				   "                ORDER BY j.run_after, j.id"
-				   "                LIMIT least(r.room, s.n)"
-				   "                FOR NO KEY UPDATE SKIP LOCKED) p"
-				   "     WHERE r.room > 0"
-				   "     ORDER BY r.t <= $5, r.t"
-				   "     LIMIT $1)"
-				   " UPDATE jobloop.job j SET worker = $2, status = 'running',"
-				   "   lease_expires_at = now() + make_interval(secs => $3),"
-				   "   started_at = coalesce(j.started_at, now()), updated_at = now()"
-				   "  FROM c WHERE j.id = c.id"
-				   " RETURNING j.id, j.kind, j.owner::oid, j.tenant, j.step, j.attempts, j.state,"
-				   "   j.request, c.status = 'pending', c.t",
-				   5, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+	/* each job's Idempotency-Key token; schemas before 0.3.0 have none */
+	if (has_key_tokens)
+		store_run_plan(&plan, CLAIM_SQL ", j.key_token::text",
+					   5, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+	else
+		store_run_plan(&plan_before_0_3, CLAIM_SQL ", NULL::text",
+					   5, types, values, NULL, SPI_OK_UPDATE_RETURNING);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -265,6 +291,7 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 		job->state = copy_jsonb(row, desc, 7, cxt);
 		job->request = copy_jsonb(row, desc, 8, cxt);
 		job->was_pending = DatumGetBool(SPI_getbinval(row, desc, 9, &isnull));
+		job->key_token = copy_text(row, desc, 11, cxt);
 
 		/* where this round stopped: the last tenant after the cursor, else the last one */
 		t = TextDatumGetCString(SPI_getbinval(row, desc, 10, &isnull));

@@ -15,6 +15,7 @@
 #include "jobloop.h"
 
 #include <malloc.h>
+#include <signal.h>
 
 #include "access/xact.h"
 #include "miscadmin.h"
@@ -35,6 +36,14 @@ static int	my_worker;
 static char my_database[NAMEDATALEN];
 static bool trimmed = false;	/* memory given back since the last job left */
 static TimestampTz stats_due = 0;	/* table statistics still to report then; 0: none */
+static volatile sig_atomic_t stop_by_postmaster = false;	/* see handle_sigterm() */
+
+/* What pg_stat_activity shows while the worker waits (17+; "Extension" before) */
+static uint32 wait_extension;	/* for CREATE EXTENSION jobloop */
+static uint32 wait_idle;		/* holding no job: for submits, cancels, the next claim */
+static uint32 wait_delay;		/* its jobs wait for their delay_ms or backoff */
+static uint32 wait_http;		/* for responses to calls in flight */
+static uint32 wait_limit;		/* jobs are due but an endpoint's limit holds them back */
 
 /*
  * Table statistics (rows inserted, updated, deleted; dead tuples) are
@@ -71,7 +80,7 @@ in_transaction(void (*fn) (void *), void *arg)
 static void
 check_extension(void *arg)
 {
-	*(bool *) arg = store_extension_ready();
+	*(ExtensionState *) arg = store_extension_state();
 }
 
 static void
@@ -97,6 +106,86 @@ reload_config_if_asked(void)
 	}
 }
 
+/*
+ * SIGTERM: stop at the next turn of the loop, between transactions, with
+ * no FATAL in the log (die() would log one per worker at every shutdown).
+ * Who sent it decides the exit code (stop_if_asked).  A job's function
+ * running now is interrupted at once, as die() does -- a function in
+ * pg_sleep() must not hold up a shutdown for jobloop.function_timeout --
+ * and that worker, only, logs the FATAL.
+ */
+static void
+handle_sigterm(int signo, siginfo_t *info, void *context)
+{
+	int			save_errno = errno;
+
+	if (info != NULL && info->si_pid == PostmasterPid)
+		stop_by_postmaster = true;
+	ShutdownRequestPending = true;
+	if (logic_call_running())
+		die(signo);
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
+
+/* Like pqsignal(), but the handler learns the sender (SA_SIGINFO). */
+static void
+install_sigterm_handler(void)
+{
+	struct sigaction act;
+
+	memset(&act, 0, sizeof(act));
+	act.sa_sigaction = handle_sigterm;
+	sigemptyset(&act.sa_mask);
+	act.sa_flags = SA_SIGINFO | SA_RESTART;
+	if (sigaction(SIGTERM, &act, NULL) < 0)
+		elog(FATAL, "could not set the SIGTERM handler: %m");
+}
+
+/*
+ * Exit if SIGTERM came.  From the postmaster (a shutdown, or the worker
+ * being unregistered) with 0: a background worker that exits with 0 is not
+ * restarted.  From anyone else (pg_terminate_backend) with 1: restarted
+ * after bgw_restart_time, as after die().  The jobs we hold keep their
+ * leases; our successor frees them when it starts.
+ */
+static void
+stop_if_asked(void)
+{
+	if (!ShutdownRequestPending)
+		return;
+	if (stop_by_postmaster)
+	{
+		elog(DEBUG1, "jobloop worker %d stopping", my_worker);
+		proc_exit(0);
+	}
+	elog(LOG, "jobloop worker %d terminated; it restarts in a few seconds", my_worker);
+	proc_exit(1);
+}
+
+static void
+register_wait_events(void)
+{
+	wait_extension = compat_wait_event("JobloopExtension");
+	wait_idle = compat_wait_event("JobloopIdle");
+	wait_delay = compat_wait_event("JobloopDelay");
+	wait_http = compat_wait_event("JobloopHTTP");
+	wait_limit = compat_wait_event("JobloopLimit");
+}
+
+/* What the main loop waits for now: the most telling of what holds jobs up. */
+static uint32
+wait_event_now(void)
+{
+	if (held_next_blocked() != 0)
+		return wait_limit;
+	if (http_in_flight() > 0)
+		return wait_http;
+	if (held_count() > 0)
+		return wait_delay;
+	return wait_idle;
+}
+
 /* Sleep until CREATE EXTENSION jobloop has run in our database. */
 static void
 wait_for_extension(void)
@@ -105,10 +194,10 @@ wait_for_extension(void)
 
 	for (;;)
 	{
-		bool		ready = false;
+		ExtensionState state = EXTENSION_MISSING;
 
-		in_transaction(check_extension, &ready);
-		if (ready)
+		in_transaction(check_extension, &state);
+		if (state == EXTENSION_READY)
 			return;
 		if (!logged)
 		{
@@ -228,9 +317,10 @@ jobloop_worker_main(Datum main_arg)
 	my_worker_number = my_worker;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
+	install_sigterm_handler();
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(my_database, NULL, 0);
+	register_wait_events();
 
 	snprintf(name, sizeof(name), "jobloop worker %d", my_worker);
 	SetConfigOption("application_name", name, PGC_USERSET, PGC_S_SESSION);
@@ -250,7 +340,7 @@ jobloop_worker_main(Datum main_arg)
 	http_init();
 	responded = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
 	parked = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
-	events = CreateWaitEventSet(TopMemoryContext, 3);
+	events = compat_session_wait_event_set(3);
 	AddWaitEventToSet(events, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 	AddWaitEventToSet(events, WL_SOCKET_READABLE, http_epoll_fd(), NULL, NULL);
@@ -282,7 +372,7 @@ jobloop_worker_main(Datum main_arg)
 		MemoryContextReset(loop_cxt);
 
 		nevents = WaitEventSetWait(events, wait_timeout(now, next_heartbeat),
-								   occurred, lengthof(occurred), PG_WAIT_EXTENSION);
+								   occurred, lengthof(occurred), wait_event_now());
 		for (int i = 0; i < nevents; i++)
 		{
 			if (occurred[i].events & WL_LATCH_SET)
@@ -295,6 +385,7 @@ jobloop_worker_main(Datum main_arg)
 				http_socket_ready();
 		}
 		CHECK_FOR_INTERRUPTS();
+		stop_if_asked();
 		reload_config_if_asked();
 
 		now = GetCurrentTimestamp();

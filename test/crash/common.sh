@@ -127,12 +127,12 @@ cr_load_access_log() {
         <"$JL_MOCK_LOG" >/dev/null || return 1
     cr_sql_must "INSERT INTO $table
         SELECT m[1]::numeric, m[1]::numeric - m[6]::numeric, m[3], m[4]::int,
-               nullif(m[5], '-'),
-               (regexp_match(m[5], '^jobloop-[0-9]+-[0-9]+-([0-9]+)-[0-9]+\$'))[1]::bigint,
-               (regexp_match(m[5], '^jobloop-[0-9]+-[0-9]+-[0-9]+-([0-9]+)\$'))[1]::int,
+               nullif(m[5], '-'), j.id, k[2]::int,
                (regexp_match(m[3], '[?&]n=(-?[0-9]+)'))[1]::int
-          FROM ${table}_raw,
-               regexp_match(line, '^([0-9.]+) \\S+ \\S+ \"(\\S+) (\\S+)\" ([0-9]+) [0-9]+ \"([^\"]*)\" ([0-9.]+)\$') m" >/dev/null
+          FROM ${table}_raw
+               CROSS JOIN LATERAL regexp_match(line, '^([0-9.]+) \\S+ \\S+ \"(\\S+) (\\S+)\" ([0-9]+) [0-9]+ \"([^\"]*)\" ([0-9.]+)\$') m
+               LEFT JOIN LATERAL regexp_match(m[5], '^jobloop-([0-9a-f-]{36})-([0-9]+)\$') k ON true
+               LEFT JOIN jobloop.job j ON j.key_token = k[1]::uuid" >/dev/null
 }
 
 # The disruption times as a SQL array literal of numerics.

@@ -72,7 +72,7 @@ SELECT is(pg_temp.resp(:job, 6)->'body'->>'method', 'GET', 'method defaults to G
 SELECT is(pg_temp.resp(:job, 6)->'body'->>'x_test', 'abc 123', 'a custom header is sent');
 SELECT is(pg_temp.resp(:job, 6)->'body'->>'content_type', '', 'no content-type without a body');
 SELECT is(pg_temp.resp(:job, 6)->'body'->>'idempotency_key', jltest.idempotency_key(:job, 6),
-          'the Idempotency-Key is jobloop-<sysid>-<dboid>-<job>-<step>');
+          'the Idempotency-Key is jobloop-<key_token>-<step>');
 SELECT is(pg_temp.resp(:job, 7)->'body'->>'method', 'POST', 'POST is sent as POST');
 SELECT is(pg_temp.resp(:job, 7)->'body'->>'content_type', 'application/json',
           'a JSON body gets content-type application/json by default');

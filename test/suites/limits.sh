@@ -136,12 +136,13 @@ load_log() {
     jl_psql >/dev/null <<'SQL'
 INSERT INTO lt.log
 SELECT m[1]::numeric, m[1]::numeric - m[7]::numeric, m[2], m[4], m[5]::int, nullif(m[6], '-'),
-       (regexp_match(m[6], '^jobloop-[0-9]+-[0-9]+-([0-9]+)-[0-9]+$'))[1]::bigint,
-       (regexp_match(m[6], '^jobloop-[0-9]+-[0-9]+-[0-9]+-([0-9]+)$'))[1]::int,
+       j.id, k[2]::int,
        (regexp_match(m[4], '[?&]tag=([^&]*)'))[1],
        (regexp_match(m[4], '[?&]j=([0-9]+)'))[1]::int
-  FROM lt.raw,
-       regexp_match(line, '^([0-9.]+) \S+ (\S+) "(\S+) (\S+)" ([0-9]+) [0-9]+ "([^"]*)" ([0-9.]+)$') m;
+  FROM lt.raw
+       CROSS JOIN LATERAL regexp_match(line, '^([0-9.]+) \S+ (\S+) "(\S+) (\S+)" ([0-9]+) [0-9]+ "([^"]*)" ([0-9.]+)$') m
+       LEFT JOIN LATERAL regexp_match(m[6], '^jobloop-([0-9a-f-]{36})-([0-9]+)$') k ON true
+       LEFT JOIN jobloop.job j ON j.key_token = k[1]::uuid;
 SQL
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# test/suites/upgrade.sh -- ALTER EXTENSION jobloop UPDATE from 0.1.0 to 0.2.0 with jobs
-# in every state, and a fresh 0.2.0 install that is the same schema.
+# test/suites/upgrade.sh -- ALTER EXTENSION jobloop UPDATE from 0.1.0 to the current
+# version with jobs in every state, and a fresh install that is the same schema.
 #
 # Prints TAP.  Starts its own cluster and mock API (scripts/lib.sh), so it runs alone:
 # `prove test/suites/upgrade.sh` (jobloop built and installed first, as
@@ -88,7 +88,8 @@ rc=0
 jl_psql -d jobloop -c "ALTER EXTENSION jobloop UPDATE" >"$work/alter.out" 2>&1 || rc=$?
 tap_ok $rc "ALTER EXTENSION jobloop UPDATE succeeds"
 tap_is "$(grep -c WARNING "$work/alter.out" || true)" "0" "... without a warning (a worker serves database jobloop)"
-tap_is "$(q jobloop "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.2.0" "the version is now 0.2.0"
+latest=$(q jobloop "SELECT default_version FROM pg_available_extensions WHERE name = 'jobloop'")
+tap_is "$(q jobloop "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "$latest" "the version is now $latest"
 tap_is "$(q jobloop "SELECT to_regclass('jobloop.stats') IS NOT NULL AND to_regclass('jobloop.errors') IS NOT NULL
                     AND to_regprocedure('jobloop.worker_stats()') IS NOT NULL
                     AND to_regclass('jobloop.job_finished_idx') IS NOT NULL")" "t" \
@@ -100,7 +101,7 @@ rc=0
 diff "$work/finished.before" "$work/finished.after" >"$work/finished.diff" || rc=$?
 tap_ok $rc "finished jobs are untouched by the upgrade" "$(cat "$work/finished.diff")"
 
-# ---- 3. jobs carry on under 0.2.0 ----
+# ---- 3. jobs carry on under the new version ----
 
 tap_is "$(q jobloop "SELECT jobloop.wait($running, '30 s')")" "completed" "the job running during the upgrade completes"
 tap_is "$(q jobloop "SELECT step || ' ' || (state->'seen')::text FROM jobloop.jobs WHERE id = $running")" \
@@ -121,6 +122,14 @@ tap_is "$(q jobloop "SELECT kind || ' ' || failed || ' ' || last_error FROM jobl
     "upg 1 HTTP 503 Service Unavailable after 2 attempts" "jobloop.errors shows the failure from before the upgrade"
 tap_is "$(q jobloop "SELECT count(*) FROM jobloop.worker_stats() WHERE database = 'jobloop' AND pid > 0")" "1" \
     "jobloop.worker_stats() lists the worker"
+
+# Jobs from before the upgrade keep the keys they had (above); new ones are keyed by the
+# token that travels with their row.
+new=$(q jobloop "SELECT jobloop.submit('upg', '{\"steps\": 2}', 'upg-t1')")
+q jobloop "SELECT jobloop.wait($new, '30 s')" >/dev/null
+token=$(q jobloop "SELECT key_token FROM jobloop.job WHERE id = $new")
+tap_is "$(grep -cE "\"jobloop-${token}-[01]\"" "$JL_MOCK_LOG" || true)" "2" \
+    "a job submitted after the upgrade is keyed jobloop-<key_token>-<step>"
 
 # ---- 4. a fresh install is the same schema ----
 
@@ -178,14 +187,18 @@ rc=0
 jl_psql -d jl_fresh -c "CREATE EXTENSION jobloop" >"$work/fresh.out" 2>&1 || rc=$?
 tap_ok $rc "CREATE EXTENSION jobloop in a second served database"
 tap_is "$(grep -c WARNING "$work/fresh.out" || true)" "0" "... without a warning (jobloop.database lists it)"
-tap_is "$(q jl_fresh "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "0.2.0" \
-    "... installs the default version, 0.2.0"
+tap_is "$(q jl_fresh "SELECT extversion FROM pg_extension WHERE extname = 'jobloop'")" "$latest" \
+    "... installs the default version, $latest"
 
 rc=0
 jl_psql -d jl_unserved -c "CREATE EXTENSION jobloop" >"$work/unserved.out" 2>&1 || rc=$?
 tap_ok $rc "CREATE EXTENSION jobloop in a database no worker serves succeeds (a restore must not fail)"
 tap_is "$(grep -c 'WARNING:  no jobloop worker serves database "jl_unserved"' "$work/unserved.out" || true)" "1" \
     "... with a warning that no worker serves it"
+tap_is "$(grep -E '^(DETAIL|HINT):' "$work/unserved.out" || true)" \
+    'DETAIL:  Jobs submitted here stay pending because jobloop.database is "jobloop".
+HINT:  Set jobloop.database and shared_preload_libraries, then restart the server.' \
+    "... which says why and what to do (the regression tests show it terse)"
 
 jl_psql -d jobloop -At -f "$work/schema.sql" >"$work/schema.upgraded"
 jl_psql -d jl_fresh -At -f "$work/schema.sql" >"$work/schema.fresh"
@@ -195,7 +208,7 @@ tap_ok "$([[ $(grep -c '^member ' "$work/schema.fresh") -ge 20 ]]; echo $?)" \
     "the schema description lists the extension's members"
 rc=0
 diff "$work/schema.upgraded" "$work/schema.fresh" >"$work/schema.diff" || rc=$?
-tap_ok $rc "the upgraded schema (0.1.0 -> 0.2.0) is identical to a fresh 0.2.0 install" \
+tap_ok $rc "the upgraded schema (0.1.0 -> $latest) is identical to a fresh $latest install" \
     "$(head -n 40 "$work/schema.diff")"
 rc=0
 diff "$work/schema.fresh" "$work/schema.unserved" >/dev/null || rc=$?

@@ -1,0 +1,94 @@
+/*
+ * jobloop 0.2.0 -> 0.3.0: jobs that survive a restore, unique jobs, retries.
+ *
+ * CREATE EXTENSION jobloop installs 0.3.0 by running the 0.1.0 script and
+ * then the updates, so fresh installs and upgrades are the same schema.
+ */
+\echo Use "ALTER EXTENSION jobloop UPDATE TO '0.3.0'" to load this file. \quit
+
+-- The Idempotency-Key of a step is jobloop-<key_token>-<step>: a random token
+-- that travels with the row through pg_dump/pg_restore, pg_upgrade and a
+-- failover, so a step in flight when the copy was made is re-sent with the
+-- same key.  Jobs submitted before 0.3.0 have none and keep their old keys
+-- (which named the cluster's system identifier) until they finish.
+ALTER TABLE jobloop.job ADD COLUMN key_token uuid;
+ALTER TABLE jobloop.job ALTER COLUMN key_token SET DEFAULT pg_catalog.gen_random_uuid();
+
+-- Unique jobs: while a job with a unique_key is unfinished, submitting the
+-- same (kind, owner, unique_key) again returns that job.
+ALTER TABLE jobloop.job ADD COLUMN unique_key text
+    CHECK (pg_catalog.length(unique_key) OPERATOR(pg_catalog.<=) 200);
+CREATE UNIQUE INDEX job_unique_key_idx ON jobloop.job (kind, owner, unique_key)
+    WHERE unique_key IS NOT NULL
+      AND status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running']);
+
+DROP FUNCTION jobloop.submit(text, jsonb, text, timestamptz);
+CREATE FUNCTION jobloop.submit(
+    kind       text,
+    state      jsonb DEFAULT '{}',
+    tenant     text DEFAULT NULL,
+    start_at   timestamptz DEFAULT NULL,
+    unique_key text DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'jobloop_submit'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+
+-- Run a failed or cancelled job again from its last committed state and step.
+CREATE FUNCTION jobloop.retry(job_id bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'jobloop_retry'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+
+-- Was this job inserted by the current transaction (or one of its
+-- subtransactions)?  Then no worker can see it yet.
+CREATE FUNCTION jobloop.submitted_in_this_transaction(job_id bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'jobloop_submitted_in_this_transaction'
+LANGUAGE C STRICT VOLATILE;
+
+CREATE OR REPLACE FUNCTION jobloop.wait(job_id bigint, timeout interval DEFAULT '60 seconds')
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline timestamptz;
+    pause    double precision := 0.002;
+    s        text;
+BEGIN
+    IF job_id IS NULL OR timeout IS NULL THEN
+        RAISE EXCEPTION 'job id and timeout must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF timeout OPERATOR(pg_catalog.<) '0'::interval THEN
+        RAISE EXCEPTION 'timeout must not be negative' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    deadline := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) timeout;
+    LOOP
+        SELECT j.status INTO s FROM jobloop.jobs j WHERE j.id OPERATOR(pg_catalog.=) job_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'job % does not exist', job_id USING ERRCODE = 'undefined_object';
+        END IF;
+        -- A pending job this transaction submitted (or retried) cannot run
+        -- before it commits: waiting would only time out.
+        IF s OPERATOR(pg_catalog.=) 'pending' AND jobloop.submitted_in_this_transaction(job_id) THEN
+            RAISE EXCEPTION 'job % was submitted in this transaction, so no worker can see it yet', job_id
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Commit the transaction that submitted the job before waiting for it.';
+        END IF;
+        EXIT WHEN s OPERATOR(pg_catalog.=) ANY (ARRAY['completed', 'failed', 'cancelled'])
+               OR pg_catalog.clock_timestamp() OPERATOR(pg_catalog.>=) deadline;
+        PERFORM pg_catalog.pg_sleep(pause);
+        pause := LEAST(pause OPERATOR(pg_catalog.*) 2, 0.05);
+    END LOOP;
+    RETURN s;
+END
+$$;
+
+-- The view shows the unique key; its columns are appended, so existing
+-- queries keep working.
+CREATE OR REPLACE VIEW jobloop.jobs WITH (security_invoker = true) AS
+    SELECT j.id, j.kind, j.tenant, j.owner, j.status, j.step, j.state,
+           j.last_error, j.attempts, j.created_at, j.updated_at,
+           j.started_at, j.finished_at, j.run_after, j.worker,
+           j.lease_expires_at, j.request AS next_request, j.unique_key
+      FROM jobloop.job j;
