@@ -5,7 +5,7 @@
 # Source it (never execute it):   . "$(dirname "$0")/lib.sh"   (or scripts/lib.sh from the root)
 #
 # It gives every script the same way to install dependencies, build the extension, run a
-# throw-away PostgreSQL 15 cluster and the nginx mock API on loopback, wait for things,
+# throw-away PostgreSQL cluster and the nginx mock API on loopback, wait for things,
 # and clean up.  Written for a fresh Debian 12 run as root, interactively or in CI
 # (CI=true, no stdin), and safe under `set -euo pipefail`: every function checks its own
 # steps and returns non-zero on failure, so it also behaves when called from `if`/`||`
@@ -13,10 +13,16 @@
 #
 # Interface (other scripts code against these names):
 #   JL_ROOT                          repo root, exported
+#   JL_PG_VERSION                    the PostgreSQL major version to build and test against,
+#                                    exported; default: the one this Debian release ships
+#                                    (15 on Debian 12, 17 on 13, 18 on sid)
+#   JL_PGBIN                         its bin directory, /usr/lib/postgresql/$JL_PG_VERSION/bin
+#   jl_matrix_wanted                 JL_PG_VERSIONS (default "15 17 18") asks for other or more
+#                                    versions than JL_PG_VERSION: scripts/matrix.sh runs them
 #   jl_log MSG...                    "==> MSG" on stderr
 #   jl_die MSG...                    jl_log, then exit 1
 #   jl_install_deps [PKG...]         apt-get install what is missing; stop default services
-#   jl_build                         make && make install (PGXS, PostgreSQL 15)
+#   jl_build                         make && make install (PGXS, PostgreSQL $JL_PG_VERSION)
 #   jl_free_port                     print a free TCP port on 127.0.0.1 (and 127.0.0.2)
 #   jl_cluster_start [CONF_LINE...]  temp cluster; exports JL_PGDATA PGPORT PGHOST PGUSER
 #                                    PGDATABASE JL_PGLOG JL_PGDIR
@@ -47,15 +53,46 @@ _JL_LIB_LOADED=1
 JL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export JL_ROOT
 
+# The PostgreSQL major version that this Debian release ships (what `postgresql` depends on).
+jl_debian_pg_version() {
+    local codename
+    codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+    case $codename in
+        trixie) echo 17 ;;
+        forky|sid) echo 18 ;;
+        *) echo 15 ;;        # bookworm (Debian 12), and the default elsewhere
+    esac
+}
+
+JL_PG_VERSION=${JL_PG_VERSION:-$(jl_debian_pg_version)}
+[[ "$JL_PG_VERSION" =~ ^[1-9][0-9]$ ]] || {
+    echo "==> ERROR: JL_PG_VERSION='$JL_PG_VERSION' is not a PostgreSQL major version" >&2
+    exit 1
+}
+export JL_PG_VERSION
+
 # Debian's server binaries live here; /usr/bin/psql etc. are pg_wrapper shims that pick a
 # version by guessing, so we always call the versioned binaries directly.
-JL_PGBIN=/usr/lib/postgresql/15/bin
+JL_PGBIN=/usr/lib/postgresql/$JL_PG_VERSION/bin
 export JL_PGBIN
 
-# Packages a fresh Debian 12 needs to build, test and demo jobloop.
-JL_DEPS=(postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap
+# Packages a fresh Debian needs to build, test and demo jobloop (iproute2 and procps: the
+# suites' ss and pgrep; a minimal system lacks them).
+JL_DEPS=("postgresql-$JL_PG_VERSION" "postgresql-server-dev-$JL_PG_VERSION"
+         "postgresql-$JL_PG_VERSION-pgtap"
          libtap-parser-sourcehandler-pgtap-perl libcurl4-openssl-dev
-         nginx libnginx-mod-http-echo build-essential curl)
+         nginx libnginx-mod-http-echo build-essential curl iproute2 procps)
+
+# The versions the test command runs by default (JL_PG_VERSIONS overrides): each on the
+# Debian release that ships it, natively or in a chroot (scripts/matrix.sh).
+JL_PG_VERSIONS_TESTED="15 17 18"
+
+# Does the test command run other versions than $JL_PG_VERSION, or more?
+jl_matrix_wanted() {
+    local wanted
+    read -r -a wanted <<<"${JL_PG_VERSIONS:-$JL_PG_VERSIONS_TESTED}"
+    [[ "${wanted[*]}" != "$JL_PG_VERSION" ]]
+}
 
 # ---------------------------------------------------------------------------------------
 # Logging
@@ -220,14 +257,14 @@ jl_install_deps() {
     return 0
 }
 
-# The packages may create and start a cluster 15/main on 5432 and an nginx on port 80.
+# The packages may create and start a cluster N/main on 5432 and an nginx on port 80.
 # We never use them (every test runs its own on a free loopback port); stop them so they
 # take no memory, CPU or ports.  Best effort: failures are ignored.
 _jl_stop_default_services() {
     if command -v pg_lsclusters >/dev/null 2>&1 \
-        && pg_lsclusters -h 2>/dev/null | awk '$1=="15" && $2=="main" && $4=="online"' | grep -q .; then
-        jl_log "stopping the package's default cluster 15/main (jobloop does not use it)"
-        _jl_as_root pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
+        && pg_lsclusters -h 2>/dev/null | awk -v v="$JL_PG_VERSION" '$1==v && $2=="main" && $4=="online"' | grep -q .; then
+        jl_log "stopping the package's default cluster $JL_PG_VERSION/main (jobloop does not use it)"
+        _jl_as_root pg_ctlcluster "$JL_PG_VERSION" main stop >/dev/null 2>&1 || true
     fi
     local pid
     pid=$(cat /run/nginx.pid 2>/dev/null || true)
@@ -288,7 +325,7 @@ jl_free_port() {
 
 jl_cluster_start() {
     local dir data log attempt port
-    [[ -x "$JL_PGBIN/initdb" ]] || { jl_log "PostgreSQL 15 is not installed (run jl_install_deps)"; return 1; }
+    [[ -x "$JL_PGBIN/initdb" ]] || { jl_log "PostgreSQL $JL_PG_VERSION is not installed (run jl_install_deps)"; return 1; }
     if [[ $EUID -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
         jl_log "OS user 'postgres' missing (the postgresql-common package creates it)"
         return 1
@@ -366,7 +403,7 @@ jl_cluster_start() {
     export JL_PGDIR=$dir JL_PGDATA=$data JL_PGLOG=$log
     export PGPORT=$port PGHOST=127.0.0.1 PGUSER=postgres PGDATABASE=jobloop
 
-    jl_log "PostgreSQL 15 up on 127.0.0.1:$PGPORT (data $JL_PGDATA, log $JL_PGLOG)"
+    jl_log "PostgreSQL $JL_PG_VERSION up on 127.0.0.1:$PGPORT (data $JL_PGDATA, log $JL_PGLOG)"
 }
 
 # Crash-stop the cluster (no shutdown checkpoint, children get SIGQUIT) and start it

@@ -206,9 +206,10 @@ wait_for_extension(void)
 			logged = true;
 		}
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 EXTENSION_POLL_MS, PG_WAIT_EXTENSION);
+						 EXTENSION_POLL_MS, wait_extension);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
+		stop_if_asked();
 		reload_config_if_asked();
 	}
 }
