@@ -103,8 +103,10 @@ static int	n_completed = 0;
 static int	n_failed = 0;
 static int	n_retries = 0;
 static double claim_ms = -1;
+static TimestampTz next_reap = 0;	/* see batch_run */
 
 #define RETENTION_BATCH			1000
+#define CLAIM_TURN_RETRY_MS		20
 #define RETENTION_ROUNDS		20
 
 /* ---- transaction scaffolding ---- */
@@ -412,7 +414,7 @@ advance_isolated(Advance *a)
 	MemoryContextSwitchTo(batch_cxt);
 	PG_TRY();
 	{
-		logic_begin_job(a->job->id);
+		logic_begin_job(a->job->id, a->job->step);
 		advance(a);
 		logic_end_job(false);
 		if (TransactionIdIsValid(GetCurrentTransactionIdIfAny()))
@@ -649,6 +651,13 @@ claim(TimestampTz now)
 		n = store_claim(limit, claimed, batch_cxt);
 		claim_ms = (double) (GetCurrentTimestamp() - start) / 1000.0;
 	}
+	if (n < 0)
+	{
+		/* another worker is claiming under a tenant cap: our turn comes soon */
+		batch_claim_wanted = false;
+		batch_next_claim_at = now + CLAIM_TURN_RETRY_MS * INT64CONST(1000);
+		return;
+	}
 	for (int i = 0; i < n; i++)
 	{
 		start_claimed(&claimed[i], now);
@@ -724,9 +733,11 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 	begin_transaction();
 	/*
 	 * DROP EXTENSION jobloop: its tables are gone, and every statement below
-	 * would fail.  (Once we have looked, DROP waits for our locks.)
+	 * would fail.  Once we have looked, DROP waits for this transaction;
+	 * a DROP between the early commits of a long batch still makes the
+	 * worker exit with an error (and its successor wait for the extension).
 	 */
-	if (store_extension_state() != EXTENSION_READY)
+	if (store_extension_state(true) != EXTENSION_READY)
 	{
 		PopActiveSnapshot();
 		SPI_finish();
@@ -776,7 +787,12 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 		}
 	}
 
-	if (heartbeat)
+	/*
+	 * The reaper runs at every heartbeat, and at most once a second before
+	 * a claim: rows that arrive with holds no live worker stands behind (a
+	 * restore) are claimable at once, not after their lease.
+	 */
+	if (heartbeat || (want_claim && now >= next_reap))
 	{
 		HeldJob   **jobs = palloc(Max(held_count(), 1) * sizeof(HeldJob *));
 		int64	   *ids = palloc(Max(held_count(), 1) * sizeof(int64));
@@ -787,7 +803,12 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 
 		if (store_reap_expired(ids, nids) > 0)
 			want_claim = batch_claim_wanted = true;
-		store_extend_leases(ids, nids);
+		next_reap = now + USECS_PER_SEC;
+		if (heartbeat)
+			store_extend_leases(ids, nids);
+	}
+	if (heartbeat)
+	{
 		/* keep up with up to RETENTION_ROUNDS batches per heartbeat */
 		for (int r = 0; jobloop_retention > 0 && r < RETENTION_ROUNDS; r++)
 			if (store_delete_expired(RETENTION_BATCH) < RETENTION_BATCH)

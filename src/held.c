@@ -18,6 +18,8 @@
 
 #include "access/xlog.h"
 #include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
 #include "utils/hsearch.h"
 
 static HTAB *held = NULL;
@@ -60,6 +62,32 @@ due_compare(const pairingheap_node *a, const pairingheap_node *b, void *arg)
 	return (x->not_before < y->not_before) - (x->not_before > y->not_before);
 }
 
+/*
+ * When the worker exits (SIGTERM, a FATAL such as a function that ignored
+ * jobloop.function_timeout, an ERROR outside any job), its calls die with
+ * it: give their endpoints' concurrency slots back, or they would count as
+ * in flight in shared memory until the server restarts.
+ */
+static void
+give_back_limits(int code, Datum arg)
+{
+	HASH_SEQ_STATUS seq;
+	HeldJob    *job;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (held == NULL)
+		return;
+	/* an error may have left one held (ShutdownPostgres, which frees them, runs after us) */
+	LWLockReleaseAll();
+	hash_seq_init(&seq, held);
+	while ((job = hash_seq_search(&seq)) != NULL)
+		if (job->phase == HELD_IN_FLIGHT && job->limit_tracked && job->request)
+		{
+			limits_release(job->request->endpoint, true, 0, 0, now);
+			job->limit_tracked = false;
+		}
+}
+
 void
 held_init(int worker)
 {
@@ -79,6 +107,7 @@ held_init(int worker)
 	qctl.hcxt = held_cxt;
 	queues = hash_create("jobloop endpoint queues", 64, &qctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 	to_release = MemoryContextAlloc(held_cxt, sizeof(int64) * max_to_release);
+	before_shmem_exit(give_back_limits, (Datum) 0);
 }
 
 MemoryContext

@@ -166,14 +166,29 @@ write_callback(char *data, size_t size, size_t nmemb, void *userp)
 	return n;
 }
 
+/* Did the header block end (an empty line)? */
+static bool
+headers_complete(Transfer *xfer)
+{
+	const char *h = xfer->head;
+	size_t		n = xfer->head_len;
+
+	return (n >= 2 && h[n - 2] == '\n' && h[n - 1] == '\n') ||
+		(n >= 3 && h[n - 3] == '\n' && h[n - 2] == '\r' && h[n - 1] == '\n');
+}
+
 static size_t
 header_callback(char *data, size_t size, size_t nitems, void *userp)
 {
 	Transfer   *xfer = userp;
 	size_t		n = size * nitems;
 
-	/* a new status line starts a new response (redirect, 100 Continue) */
-	if (n >= 5 && strncmp(data, "HTTP/", 5) == 0)
+	/*
+	 * A status line after a complete header block starts a new response (a
+	 * redirect, 100 Continue); a header line that merely starts with "HTTP/"
+	 * does not, or it could reset the 256 kB cap.
+	 */
+	if (n >= 5 && strncmp(data, "HTTP/", 5) == 0 && (xfer->head_len == 0 || headers_complete(xfer)))
 		xfer->head_len = 0;
 	if (xfer->head_len + n > MAX_HEADER_BYTES)
 	{
@@ -356,10 +371,7 @@ pick_shard(void)
 			best = shards[i];
 	}
 	if (best)
-	{
-		best->idle_since = 0;
 		return best;
-	}
 	if (slot < 0 && nshards == max_shards)
 	{
 		int			n = Max(4, max_shards * 2);
@@ -548,11 +560,13 @@ build_headers(Transfer *xfer, const HttpRequest *req, const char *idempotency_ke
 		if (!add_header(xfer, line))
 			return false;
 	}
-	if (!req->has_content_type)
+	if (!req->has_content_type && (req->body_is_json || req->body == NULL))
 	{
 		/*
-		 * A JSON body says so; any other request gets no Content-Type at all
-		 * (libcurl would call a POST body, even an empty one, a form).
+		 * A JSON body says so; a request without a body has no Content-Type
+		 * (libcurl would call an empty POST body a form).  A string body
+		 * keeps libcurl's application/x-www-form-urlencoded, which form APIs
+		 * (OAuth token endpoints, say) expect.
 		 */
 		if (!add_header(xfer, req->body_is_json ? "Content-Type: application/json" : "Content-Type:"))
 			return false;
@@ -599,6 +613,12 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 		xfer->setup_option = NULL;
 		(void) configure(xfer, req, default_timeout_ms, fresh_connection);
 	}
+	if (xfer->setup_error == CURLE_OUT_OF_MEMORY)
+	{
+		/* like the other allocations above: try again later */
+		http_done(xfer);
+		return NULL;
+	}
 	if (xfer->setup_error == CURLE_OK)
 	{
 		CURLMcode	mc = curl_multi_add_handle(shard->multi, xfer->easy);
@@ -606,6 +626,7 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 		if (mc == CURLM_OK)
 		{
 			shard->in_flight++;
+			shard->idle_since = 0;
 			in_flight++;
 			return xfer;
 		}
@@ -744,17 +765,6 @@ http_next_timeout(void)
 	return next;
 }
 
-/* Did the header block end (an empty line)? */
-static bool
-headers_complete(Transfer *xfer)
-{
-	const char *h = xfer->head;
-	size_t		n = xfer->head_len;
-
-	return (n >= 2 && h[n - 2] == '\n' && h[n - 1] == '\n') ||
-		(n >= 3 && h[n - 3] == '\n' && h[n - 2] == '\r' && h[n - 1] == '\n');
-}
-
 /*
  * Why a transfer failed, for last_error, and whether trying again could
  * help (res->permanent).  Failures the server's answer decides -- a
@@ -781,13 +791,23 @@ describe_failure(Transfer *xfer, CURLcode code, HttpResult *res)
 	{
 		case CURLE_UNSUPPORTED_PROTOCOL:
 			{
-				/* the URL was checked at submit, so this was a redirect */
+				/*
+				 * A redirect to another scheme (the URL itself was checked),
+				 * if a 3xx with a Location came; else libcurl could not read
+				 * the reply as HTTP (HTTP/0.9, or another protocol), which
+				 * is retried like any transport error.
+				 */
 				char	   *location = response_header(res, "location");
 
-				if (location && strlen(location) > 200)
+				if (res->status < 300 || res->status > 399 || location == NULL)
+				{
+					res->error = pstrdup(xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code));
+					break;
+				}
+				if (strlen(location) > 200)
 					strcpy(location + 197, "...");
 				res->error = psprintf("redirect to \"%s\" refused: only http and https are allowed",
-									  location ? location : "?");
+									  location);
 				res->permanent = true;
 				break;
 			}
@@ -846,8 +866,13 @@ take_result(Transfer *xfer, CURLcode code, void **owner, HttpResult *res)
 		if (curl_easy_getinfo(xfer->easy, CURLINFO_TOTAL_TIME_T, &total_us) == CURLE_OK)
 			res->elapsed_ms = total_us / 1000;
 		res->too_large = xfer->too_large || code == CURLE_FILESIZE_EXCEEDED;
+		/*
+		 * A refused address is the failure only if the transfer failed: with
+		 * happy eyeballs another address of the host may have answered.
+		 */
+		xfer->refused = xfer->refused && code != CURLE_OK;
 		res->refused = xfer->refused;
-		if (code != CURLE_OK || xfer->refused)
+		if (code != CURLE_OK)
 			describe_failure(xfer, code, res);
 	}
 	*owner = xfer->owner;
@@ -863,7 +888,7 @@ take_finished(CURLMsg *msg, void **owner, HttpResult *res)
 
 	if (curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &xfer) != CURLE_OK ||
 		xfer == NULL)
-		elog(PANIC, "libcurl returned a transfer that is not jobloop's");
+		elog(FATAL, "libcurl returned a transfer that is not jobloop's");
 	(void) curl_multi_remove_handle(xfer->shard->multi, xfer->easy);
 	shard_transfer_gone(xfer->shard);
 	in_flight--;

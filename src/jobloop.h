@@ -85,7 +85,9 @@ typedef struct WorkerSlot
 	WorkerStats stats;
 	/* written by the worker's timeout handler only, read by its successor */
 	int64		overrun_job;	/* its function ignored the cancel; 0: none */
+	int32		overrun_step;	/* ... at this step */
 	Oid			overrun_fn;
+	bool		connect_failed; /* its last start found no database to connect to */
 } WorkerSlot;
 
 typedef struct JobloopShared
@@ -208,9 +210,9 @@ extern Jsonb *logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response);
 extern bool logic_done(Kind *kind, Oid owner, Jsonb *state);
 extern void logic_check_state_size(Jsonb *state);
 extern void logic_capture_search_path(void);
-extern void logic_begin_job(int64 job_id);
+extern void logic_begin_job(int64 job_id, int32 step);
 extern char *logic_failure_text(ErrorData *edata);
-extern char *logic_take_overrun(int64 *job_id);
+extern char *logic_take_overrun(int64 *job_id, int32 *step);
 extern void logic_end_job(bool aborted);
 extern bool logic_call_running(void);
 
@@ -248,7 +250,7 @@ extern void store_run_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *t
 						   Datum *values, const char *nulls, int expected);
 extern void store_prepare(int worker);
 extern void store_release_all(int *siblings, int nsiblings);
-extern void store_fail_job(int64 id, const char *reason);
+extern void store_fail_job(int64 id, int32 step, const char *reason);
 extern int	store_claim(int limit, ClaimedJob *out, MemoryContext cxt);
 extern TimestampTz store_next_runnable(void);
 extern int	store_update_jobs(JobUpdate *updates, int n, bool *applied);
@@ -263,7 +265,7 @@ typedef enum ExtensionState
 	EXTENSION_MISSING,
 	EXTENSION_READY
 } ExtensionState;
-extern ExtensionState store_extension_state(void);
+extern ExtensionState store_extension_state(bool lock);
 
 /* ---- api.c: the SQL API that writes, and what admin.c shares of it ---- */
 typedef struct OwnerContext

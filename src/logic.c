@@ -59,27 +59,51 @@ static struct
 static struct
 {
 	int64		job_id;
+	int32		step;
 	Oid			fn;
 	const char *what;			/* "request", "step" or "done" */
-	bool		running;
+	volatile sig_atomic_t running;
 }			current;
 
-static TimeoutId overrun_timeout = MAX_TIMEOUTS;	/* not registered yet */
+/* our two timeouts (not PostgreSQL's statement_timeout: see cancel_handler) */
+static TimeoutId cancel_timeout = MAX_TIMEOUTS;
+static TimeoutId overrun_timeout = MAX_TIMEOUTS;
+static volatile sig_atomic_t cancel_fired = false;
 
 /*
- * A function ran a grace period past its cancellation.  A signal handler:
- * it only records which job it was, where the worker's successor finds it
- * (only this process writes its slot's overrun fields, and only its
- * successor reads them), and asks for FATAL at the next interrupt check.
+ * jobloop.function_timeout passed: cancel the call, as statement_timeout
+ * would.  Our own timeout, because PostgreSQL clears statement_timeout's
+ * indicator as it raises the cancel, and the job's reason should name the
+ * setting.  A signal handler, like the next one.
+ */
+static void
+cancel_handler(void)
+{
+	if (!current.running)
+		return;
+	cancel_fired = true;
+	QueryCancelPending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+}
+
+/*
+ * A function ran a grace period past its cancellation.  It only records
+ * which job and step it was, where the worker's successor finds them (only
+ * this process writes its slot's overrun fields, and only its successor
+ * reads them), and asks for FATAL at the next interrupt check.
  */
 static void
 overrun_handler(void)
 {
 	WorkerSlot *slot = shared_slot(my_worker_number);
 
-	if (slot != NULL && current.running)
+	if (!current.running)
+		return;
+	if (slot != NULL)
 	{
 		slot->overrun_job = current.job_id;
+		slot->overrun_step = current.step;
 		slot->overrun_fn = current.fn;
 	}
 	ProcDiePending = true;
@@ -188,20 +212,22 @@ switch_to_owner(Oid owner)
 
 /* Before a job's calls, inside the subtransaction that wraps them. */
 void
-logic_begin_job(int64 job_id)
+logic_begin_job(int64 job_id, int32 step)
 {
 	as_owner.active = false;
 	current.job_id = job_id;
+	current.step = step;
 	current.running = false;
 }
 
 static void
 disable_call_timeouts(void)
 {
-	/* keep the indicators: logic_failure_text asks them afterwards */
 	if (overrun_timeout != MAX_TIMEOUTS)
-		disable_timeout(overrun_timeout, true);
-	disable_timeout(STATEMENT_TIMEOUT, true);
+	{
+		disable_timeout(overrun_timeout, false);
+		disable_timeout(cancel_timeout, false);
+	}
 }
 
 /*
@@ -211,8 +237,8 @@ disable_call_timeouts(void)
 void
 logic_end_job(bool aborted)
 {
-	current.running = false;
 	disable_call_timeouts();
+	current.running = false;
 	/* a session-level advisory lock would outlive the job, held by us */
 	LockReleaseSession(USER_LOCKMETHOD);
 	if (as_owner.active && !aborted)
@@ -236,29 +262,32 @@ begin_call(Kind *kind, Oid fn, Oid owner, const char *what)
 	switch_to_owner(owner);
 	current.fn = fn;
 	current.what = what;
+	cancel_fired = false;
 	current.running = true;
 	if (jobloop_function_timeout > 0)
 	{
+		/* in int64: jobloop.function_timeout may be close to INT_MAX */
+		int64		overrun_ms = Min((int64) jobloop_function_timeout + grace_ms(), INT_MAX);
+
 		if (overrun_timeout == MAX_TIMEOUTS)
+		{
+			cancel_timeout = RegisterTimeout(USER_TIMEOUT, cancel_handler);
 			overrun_timeout = RegisterTimeout(USER_TIMEOUT, overrun_handler);
-		/* reset: the indicator says whether this call was cancelled */
-		(void) get_timeout_indicator(STATEMENT_TIMEOUT, true);
-		enable_timeout_after(STATEMENT_TIMEOUT, jobloop_function_timeout);
-		enable_timeout_after(overrun_timeout, jobloop_function_timeout + grace_ms());
+		}
+		enable_timeout_after(cancel_timeout, jobloop_function_timeout);
+		enable_timeout_after(overrun_timeout, (int) overrun_ms);
 	}
 }
 
 static void
 end_call(void)
 {
+	/* timers first: a handler acts only while a call is running */
+	disable_call_timeouts();
 	current.running = false;
-	if (jobloop_function_timeout > 0)
-	{
-		disable_call_timeouts();
-		/* a timeout that fired just after the function returned cancels nothing */
-		if (get_timeout_indicator(STATEMENT_TIMEOUT, false))
-			QueryCancelPending = false;
-	}
+	/* a cancel that fired just as the function returned cancels nothing */
+	if (cancel_fired)
+		QueryCancelPending = false;
 }
 
 /*
@@ -269,8 +298,7 @@ end_call(void)
 char *
 logic_failure_text(ErrorData *edata)
 {
-	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && current.what != NULL &&
-		get_timeout_indicator(STATEMENT_TIMEOUT, false))
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && current.what != NULL && cancel_fired)
 		return psprintf("%s function %s ran longer than jobloop.function_timeout (%d ms)",
 						current.what, function_name(current.fn), jobloop_function_timeout);
 	if (edata->detail)
@@ -284,7 +312,7 @@ logic_failure_text(ErrorData *edata)
  * last_error, or NULL.  Clears the record.
  */
 char *
-logic_take_overrun(int64 *job_id)
+logic_take_overrun(int64 *job_id, int32 *step)
 {
 	WorkerSlot *slot = shared_slot(my_worker_number);
 	char	   *reason;
@@ -292,6 +320,7 @@ logic_take_overrun(int64 *job_id)
 	if (slot == NULL || slot->overrun_job == 0)
 		return NULL;
 	*job_id = slot->overrun_job;
+	*step = slot->overrun_step;
 	reason = psprintf("%s ran past jobloop.function_timeout (%d ms) and ignored its cancellation; "
 					  "the worker running it was restarted",
 					  OidIsValid(slot->overrun_fn) ? function_name(slot->overrun_fn) : "a function",

@@ -21,6 +21,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
+#include "storage/lmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -65,22 +66,51 @@ store_prepare(int worker)
 static bool has_key_tokens = true;
 
 /*
- * Is the extension installed?  Also notes its schema's version: a worker
+ * Is the extension installed?  With lock, it stays so until the end of the
+ * transaction.  Also notes its schema's version: a worker
  * with this library runs jobs of 0.1.0 and 0.2.0 schemas too, so that jobs
  * keep running across ALTER EXTENSION jobloop UPDATE.
  */
 ExtensionState
-store_extension_state(void)
+store_extension_state(bool lock)
 {
+	Oid			ext = get_extension_oid("jobloop", true);
 	Oid			schema;
 	Oid			job;
 
-	if (!OidIsValid(get_extension_oid("jobloop", true)))
+	if (!OidIsValid(ext))
 		return EXTENSION_MISSING;
+	if (lock)
+	{
+		/*
+		 * DROP EXTENSION locks the extension first: from here on it waits for
+		 * our transaction, and if it committed while we took the lock, the
+		 * look-up below (after the lock's cache invalidation) sees it gone.
+		 */
+		LockDatabaseObject(ExtensionRelationId, ext, 0, AccessShareLock);
+		if (!OidIsValid(get_extension_oid("jobloop", true)))
+			return EXTENSION_MISSING;
+	}
 	schema = get_namespace_oid("jobloop", true);
 	job = OidIsValid(schema) ? get_relname_relid("job", schema) : InvalidOid;
 	has_key_tokens = OidIsValid(job) && get_attnum(job, "key_token") != InvalidAttrNumber;
 	return EXTENSION_READY;
+}
+
+/* The worker numbers that serve our database, ours included. */
+static int	sibling_workers[JOBLOOP_MAX_WORKERS];
+static int	nsibling_workers = 0;
+
+static Datum
+worker_array(int *workers, int n)
+{
+	Datum	   *elems = palloc(Max(n, 1) * sizeof(Datum));
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int i = 0; i < n; i++)
+		elems[i] = Int32GetDatum(workers[i]);
+	return PointerGetDatum(construct_md_array(elems, NULL, 1, dims, lbs, INT4OID, 4, true, 'i'));
 }
 
 /*
@@ -95,14 +125,12 @@ store_release_all(int *siblings, int nsiblings)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[2] = {INT4OID, INT4ARRAYOID};
 	Datum		values[2];
-	Datum	   *elems = palloc(Max(nsiblings, 1) * sizeof(Datum));
-	int			dims[1] = {nsiblings};
-	int			lbs[1] = {1};
 
-	for (int i = 0; i < nsiblings; i++)
-		elems[i] = Int32GetDatum(siblings[i]);
+	/* the reaper needs them too */
+	nsibling_workers = Min(nsiblings, JOBLOOP_MAX_WORKERS);
+	memcpy(sibling_workers, siblings, nsibling_workers * sizeof(int));
 	values[0] = Int32GetDatum(my_worker);
-	values[1] = PointerGetDatum(construct_md_array(elems, NULL, 1, dims, lbs, INT4OID, 4, true, 'i'));
+	values[1] = worker_array(siblings, nsiblings);
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
 				   " WHERE id IN (SELECT id FROM jobloop.job"
@@ -115,24 +143,28 @@ store_release_all(int *siblings, int nsiblings)
 }
 
 /*
- * Fail one job we held, at start, before it is released: its function
- * ignored jobloop.function_timeout and stopped our predecessor (logic.c),
- * so running it again would only stop us too.
+ * Fail one job, at start, before anything is released: its function ignored
+ * jobloop.function_timeout and stopped our predecessor (logic.c), so
+ * running it again would only stop us too.  The job may be marked ours, or
+ * no one's if the function ran in the transaction that claimed it (which
+ * never committed); either way it is still at the step it was at.
  */
 void
-store_fail_job(int64 id, const char *reason)
+store_fail_job(int64 id, int32 step, const char *reason)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[3] = {INT8OID, TEXTOID, INT4OID};
-	Datum		values[3] = {Int64GetDatum(id), CStringGetTextDatum(reason), Int32GetDatum(my_worker)};
+	Oid			types[4] = {INT8OID, TEXTOID, INT4OID, INT4OID};
+	Datum		values[4] = {Int64GetDatum(id), CStringGetTextDatum(reason), Int32GetDatum(my_worker),
+	Int32GetDatum(step)};
 	bool		isnull;
 
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET status = 'failed', last_error = $2, worker = NULL,"
-				   "   lease_expires_at = NULL, finished_at = now(), updated_at = now()"
-				   " WHERE id = $1 AND worker = $3 AND status = ANY (ARRAY['pending', 'running'])"
+				   "   lease_expires_at = NULL, request = NULL, finished_at = now(), updated_at = now()"
+				   " WHERE id = $1 AND (worker = $3 OR worker IS NULL) AND step = $4"
+				   "   AND status = ANY (ARRAY['pending', 'running'])"
 				   " RETURNING step, tenant, kind",
-				   3, types, values, NULL, SPI_OK_UPDATE_RETURNING);
+				   4, types, values, NULL, SPI_OK_UPDATE_RETURNING);
 	if (SPI_processed == 0)
 		return;
 	elog(LOG, "jobloop worker %d failed job " INT64_FORMAT ": %s", my_worker, id, reason);
@@ -175,10 +207,13 @@ copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
  *
  * The turn is a heavyweight lock of type "userlock", which no SQL function
  * can take (an advisory lock could be taken, and held for ever, by any
- * role, and every worker would wait behind it).  So a worker only ever
- * waits here for another jobloop worker's claiming transaction.
+ * role, and every worker would wait behind it).  And it is never waited
+ * for: the claiming transaction goes on to run the claimed jobs' first
+ * request functions, which may take up to jobloop.function_timeout, so a
+ * worker that finds the turn taken claims nothing now and tries again
+ * shortly (false).
  */
-static void
+static bool
 take_turns_if_capped(void)
 {
 	static SPIPlanPtr plan = NULL;
@@ -189,7 +224,7 @@ take_turns_if_capped(void)
 		store_run_plan(&plan, "SELECT FROM jobloop.tenant_limit LIMIT 1",
 					   0, NULL, NULL, NULL, SPI_OK_SELECT);
 		if (SPI_processed == 0)
-			return;
+			return true;
 	}
 	memset(&tag, 0, sizeof(tag));
 	tag.locktag_field1 = MyDatabaseId;
@@ -197,12 +232,13 @@ take_turns_if_capped(void)
 	tag.locktag_field3 = JOBLOOP_LOCK_CLAIM_TURN;
 	tag.locktag_type = LOCKTAG_USERLOCK;
 	tag.locktag_lockmethodid = DEFAULT_LOCKMETHOD;
-	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	return LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL;
 }
 
 /*
  * Claim up to limit runnable jobs, fairly across tenants, skipping rows
  * another worker is claiming right now.  Results are copied into cxt.
+ * -1: another worker has the turn (see take_turns_if_capped).
  *
  * Fairness: walk the tenants that have unheld jobs (a loose index scan,
  * one probe per tenant, however many jobs each has queued), give each an
@@ -265,7 +301,8 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 	char	   *last_after = NULL;
 	char	   *last_any = NULL;
 
-	take_turns_if_capped();
+	if (!take_turns_if_capped())
+		return -1;
 	/* each job's Idempotency-Key token; schemas before 0.3.0 have none */
 	if (has_key_tokens)
 		store_run_plan(&plan, CLAIM_SQL ", j.key_token::text",
@@ -511,9 +548,19 @@ store_extend_leases(int64 *ids, int n)
 }
 
 /*
- * The reaper: jobs whose lease ran out (their worker is stuck or gone, or
- * it stopped tracking them) become claimable again.  Jobs we hold are never
- * reaped by ourselves.
+ * The reaper: holds that no live worker of ours stands behind become
+ * claimable again --
+ *   - a lease that ran out (its worker is stuck or gone, or stopped
+ *     tracking the job);
+ *   - a row marked with our number that we do not hold: only we hold rows
+ *     with our number, so it is a hold of a predecessor, of the worker with
+ *     our number in the cluster a dump was taken from, or one we failed to
+ *     release;
+ *   - a row marked with a number no worker of this database has (a restore
+ *     from a cluster with other settings).
+ * The last two need no lease to expire: a restore's rows carry the old
+ * cluster's holds and leases, and must not wait them out.  Jobs we hold are
+ * never reaped.
  * Rows being written right now are skipped, not waited for: a batch that
  * locks many rows in another order would otherwise deadlock with us.
  */
@@ -521,21 +568,25 @@ int
 store_reap_expired(int64 *held_ids, int nheld)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[2] = {INT4OID, INT8ARRAYOID};
-	Datum		values[2];
+	Oid			types[3] = {INT4OID, INT8ARRAYOID, INT4ARRAYOID};
+	Datum		values[3];
 
 	values[0] = Int32GetDatum(my_worker);
 	values[1] = id_array(held_ids, nheld);
+	/* never "no sibling": that would free every peer's jobs */
+	values[2] = nsibling_workers > 0 ? worker_array(sibling_workers, nsibling_workers) :
+		worker_array(&my_worker, 1);
 
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
 				   " WHERE id IN (SELECT id FROM jobloop.job"
-				   "   WHERE worker IS NOT NULL AND lease_expires_at < now()"
+				   "   WHERE worker IS NOT NULL"
+				   "     AND (lease_expires_at < now() OR worker = $1 OR worker <> ALL ($3))"
 				   "     AND NOT (worker = $1 AND id = ANY ($2))"
 				   "   FOR NO KEY UPDATE SKIP LOCKED)",
-				   2, types, values, NULL, SPI_OK_UPDATE);
+				   3, types, values, NULL, SPI_OK_UPDATE);
 	if (SPI_processed > 0)
-		elog(LOG, "jobloop worker %d reaped " UINT64_FORMAT " jobs whose lease expired",
+		elog(LOG, "jobloop worker %d freed " UINT64_FORMAT " jobs that no live worker holds",
 			 my_worker, SPI_processed);
 	return (int) SPI_processed;
 }

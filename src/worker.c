@@ -19,6 +19,7 @@
 
 #include "access/xact.h"
 #include "miscadmin.h"
+#include "commands/dbcommands.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
@@ -80,7 +81,7 @@ in_transaction(void (*fn) (void *), void *arg)
 static void
 check_extension(void *arg)
 {
-	*(ExtensionState *) arg = store_extension_state();
+	*(ExtensionState *) arg = store_extension_state(false);
 }
 
 static void
@@ -89,10 +90,11 @@ release_all(void *arg)
 	int			siblings[JOBLOOP_MAX_WORKERS];
 	int			n = shared_database_workers(my_database, siblings, JOBLOOP_MAX_WORKERS);
 	int64		overrun_job;
-	char	   *reason = logic_take_overrun(&overrun_job);
+	int32		overrun_step;
+	char	   *reason = logic_take_overrun(&overrun_job, &overrun_step);
 
 	if (reason)
-		store_fail_job(overrun_job, reason);
+		store_fail_job(overrun_job, overrun_step, reason);
 	store_release_all(siblings, n);
 }
 
@@ -231,10 +233,96 @@ start_over(void)
 	for (int i = 0; i < n; i++)
 		held_drop(jobs[i]);
 	pfree(jobs);
+	/* cancels of the old jobs must not hit new jobs that reuse their ids */
+	{
+		int64		ids[CANCEL_QUEUE_SIZE];
+		bool		overflow;
+
+		while (shared_take_cancels(my_worker, ids, lengthof(ids), &overflow) > 0)
+			;
+	}
 	kinds_invalidate();
 	wait_for_extension();
 	in_transaction(release_all, NULL);
 	batch_claim_wanted = true;
+}
+
+/*
+ * A database named in jobloop.database that does not exist (not created
+ * yet, or dropped) would make every start of this worker end in FATAL
+ * "database ... does not exist", every 5 seconds, for good.  So when the
+ * previous start in this slot could not connect (noted in shared memory on
+ * its way out), this one connects to no database first and watches
+ * pg_database, a shared catalog: it says so once, looks again with a
+ * backoff (1 s, doubling, at most a minute), and once the database exists
+ * it exits to be started again, connecting to it.
+ */
+static bool connected = false;
+
+static void
+note_connect_failure(int code, Datum arg)
+{
+	WorkerSlot *slot = shared_slot(my_worker);
+
+	if (slot != NULL)
+		slot->connect_failed = !connected;
+}
+
+static void
+database_exists(void *arg)
+{
+	*(bool *) arg = OidIsValid(get_database_oid(my_database, true));
+}
+
+static void
+wait_for_database(void)
+{
+	long		delay_ms = 1000;
+
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	for (;;)
+	{
+		bool		exists = false;
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		database_exists(&exists);
+		CommitTransactionCommand();
+		if (exists)
+		{
+			ereport(LOG,
+					(errmsg("jobloop worker %d: database \"%s\" exists now; connecting to it",
+							my_worker, my_database)));
+			connected = true;	/* this start did its job; the next one connects */
+			proc_exit(1);
+		}
+		if (delay_ms == 1000)
+			ereport(LOG,
+					(errmsg("jobloop worker %d waits for database \"%s\", which does not exist",
+							my_worker, my_database),
+					 errhint("Create the database, or remove it from jobloop.database.")));
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 delay_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		stop_if_asked();
+		delay_ms = Min(delay_ms * 2, 60000);
+	}
+}
+
+static void
+connect_to_database(void)
+{
+	WorkerSlot *slot = shared_slot(my_worker);
+
+	if (slot != NULL && slot->connect_failed)
+	{
+		slot->connect_failed = false;
+		wait_for_database();	/* does not return */
+	}
+	before_shmem_exit(note_connect_failure, (Datum) 0);
+	BackgroundWorkerInitializeConnection(my_database, NULL, 0);
+	connected = true;
 }
 
 /* Milliseconds until the earliest thing we must do, capped at a minute. */
@@ -320,7 +408,7 @@ jobloop_worker_main(Datum main_arg)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	install_sigterm_handler();
 	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnection(my_database, NULL, 0);
+	connect_to_database();
 	register_wait_events();
 
 	snprintf(name, sizeof(name), "jobloop worker %d", my_worker);

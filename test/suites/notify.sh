@@ -130,6 +130,9 @@ tap_is "$(sequence "$b")" "pending:0 running:0 running:1 running:2 completed:3" 
 tap_is "$(fields "$b")" "notify-t2|notify_steps|string" "with its tenant and kind"
 tap_is "$(sequence "$d")" "pending:0 running:0 failed:0" "a job whose step raises: pending, running, failed"
 tap_is "$(fields "$d")" "<null>|notify_plain|null" "a job without a tenant has \"tenant\": null"
+tap_is "$(grep -E "\"id\": *$d,.*\"status\": *\"failed\"" "$work/out" | grep -oE '"error": *"[^"]*"')" \
+    '"error": "step failed on purpose"' "the failed job's notification carries its reason (last_error)"
+tap_is "$(grep -c '"error"' "$work/out" || true)" "1" "... and no other notification has one"
 tap_is "$(sequence "$c")" "pending:0 running:0 cancelled:0" "a cancelled running job: pending, running, cancelled"
 tap_is "$(sequence "$r")" "" "a submit that rolled back sent no notification"
 tap_is "$(psql_ -c "SELECT string_agg(status, ',' ORDER BY id) FROM jobloop.jobs WHERE id IN ($a, $b, $c, $d)")" \
