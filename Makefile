@@ -16,6 +16,7 @@ OBJS = \
 	src/held.o \
 	src/batch.o \
 	src/limits.o \
+	src/pause.o \
 	src/admin.o \
 	src/stats.o \
 	src/worker.o

@@ -92,3 +92,72 @@ CREATE OR REPLACE VIEW jobloop.jobs WITH (security_invoker = true) AS
            j.started_at, j.finished_at, j.run_after, j.worker,
            j.lease_expires_at, j.request AS next_request, j.unique_key
       FROM jobloop.job j;
+
+-- Pauses: jobs of a kind, of a tenant, of both, or all of them (NULL: any),
+-- are not claimed, and workers let go of the ones they hold once their call
+-- in flight is answered and its step committed.  A restored copy can start
+-- with everything paused (jobloop.start_paused).  Jobs without a tenant are
+-- tenant ''.
+CREATE TABLE jobloop.pause (
+    kind      text,
+    tenant    text,
+    paused_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    paused_by text NOT NULL DEFAULT CURRENT_USER,
+    UNIQUE NULLS NOT DISTINCT (kind, tenant)
+);
+SELECT pg_catalog.pg_extension_config_dump('jobloop.pause', '');
+REVOKE ALL ON jobloop.pause FROM PUBLIC;
+GRANT SELECT ON jobloop.pause TO PUBLIC;
+
+-- superusers and members of jobloop_admin only
+CREATE FUNCTION jobloop.pause(kind text DEFAULT NULL, tenant text DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'jobloop_pause'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+
+CREATE FUNCTION jobloop.resume(kind text DEFAULT NULL, tenant text DEFAULT NULL)
+RETURNS integer
+AS 'MODULE_PATHNAME', 'jobloop_resume'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+
+-- Is an unfinished job of this kind and tenant paused?
+CREATE FUNCTION jobloop.is_paused(kind text, tenant text)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (SELECT FROM jobloop.pause p
+                WHERE (p.kind IS NULL OR p.kind OPERATOR(pg_catalog.=) is_paused.kind)
+                  AND (p.tenant IS NULL
+                       OR p.tenant OPERATOR(pg_catalog.=) COALESCE(is_paused.tenant, '')));
+
+CREATE OR REPLACE VIEW jobloop.jobs WITH (security_invoker = true) AS
+    SELECT j.id, j.kind, j.tenant, j.owner, j.status, j.step, j.state,
+           j.last_error, j.attempts, j.created_at, j.updated_at,
+           j.started_at, j.finished_at, j.run_after, j.worker,
+           j.lease_expires_at, j.request AS next_request, j.unique_key,
+           (j.status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running'])
+            AND jobloop.is_paused(j.kind, j.tenant)) AS paused
+      FROM jobloop.job j;
+
+CREATE OR REPLACE VIEW jobloop.stats WITH (security_invoker = true) AS
+    SELECT (SELECT pg_catalog.count(*) FROM jobloop.job WHERE status OPERATOR(pg_catalog.=) 'pending') AS pending,
+           (SELECT pg_catalog.count(*) FROM jobloop.job WHERE status OPERATOR(pg_catalog.=) 'running') AS running,
+           (SELECT pg_catalog.count(*) FROM jobloop.job WHERE status OPERATOR(pg_catalog.=) 'completed') AS completed,
+           (SELECT pg_catalog.count(*) FROM jobloop.job WHERE status OPERATOR(pg_catalog.=) 'failed') AS failed,
+           (SELECT pg_catalog.count(*) FROM jobloop.job WHERE status OPERATOR(pg_catalog.=) 'cancelled') AS cancelled,
+           w.workers, w.held, w.in_flight, w.steps,
+           w.steps_per_second_10s, w.steps_per_second_1m, w.claim_ms, w.commit_ms,
+           (SELECT pg_catalog.count(*) FROM jobloop.job j
+             WHERE EXISTS (SELECT FROM jobloop.pause)
+               AND j.status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running'])
+               AND jobloop.is_paused(j.kind, j.tenant)) AS paused
+      FROM (SELECT pg_catalog.count(*) AS workers,
+                   COALESCE(pg_catalog.sum(s.held), 0) AS held,
+                   COALESCE(pg_catalog.sum(s.in_flight), 0) AS in_flight,
+                   COALESCE(pg_catalog.sum(s.steps), 0) AS steps,
+                   COALESCE(pg_catalog.sum(s.steps_per_second_10s), 0) AS steps_per_second_10s,
+                   COALESCE(pg_catalog.sum(s.steps_per_second_1m), 0) AS steps_per_second_1m,
+                   pg_catalog.avg(s.claim_ms) AS claim_ms,
+                   pg_catalog.avg(s.commit_ms) AS commit_ms
+              FROM jobloop.worker_stats() s
+             WHERE s.database OPERATOR(pg_catalog.=) pg_catalog.current_database()) w;

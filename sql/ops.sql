@@ -49,3 +49,28 @@ SELECT jobloop.retry(NULL);
 SELECT id, status, state, attempts, last_error, finished_at IS NULL AS unfinished,
        key_token = :'u1_token' AS same_token
   FROM jobloop.job WHERE id = :u1;
+
+-- Pauses: admins only; pause() is idempotent, resume() removes the pauses it covers.
+CREATE ROLE regress_jobloop_ops_app;
+GRANT USAGE ON SCHEMA jobloop TO regress_jobloop_ops_app;
+SET ROLE regress_jobloop_ops_app;
+SELECT jobloop.pause();
+SELECT jobloop.resume();
+RESET ROLE;
+REVOKE USAGE ON SCHEMA jobloop FROM regress_jobloop_ops_app;
+DROP ROLE regress_jobloop_ops_app;
+SELECT jobloop.pause(kind => 'submit_kind');
+SELECT jobloop.pause(kind => 'submit_kind');
+SELECT jobloop.pause(tenant => 'shop-1');
+SELECT jobloop.pause(kind => 'submit_kind', tenant => 'shop-2');
+SELECT kind, tenant, paused_by = session_user AS by_me FROM jobloop.pause ORDER BY kind NULLS FIRST, tenant NULLS FIRST;
+SELECT jobloop.is_paused('submit_kind', NULL) AS kind_paused,
+       jobloop.is_paused('other', 'shop-1') AS tenant_paused,
+       jobloop.is_paused('other', 'shop-2') AS other_not_paused;
+SELECT count(*) > 0 AS some_paused, bool_and(paused) AS all_of_kind_paused
+  FROM jobloop.jobs WHERE kind = 'submit_kind' AND status IN ('pending', 'running');
+SELECT paused > 0 AS stats_count_paused FROM jobloop.stats;
+SELECT jobloop.resume(kind => 'submit_kind');
+SELECT kind, tenant FROM jobloop.pause ORDER BY kind NULLS FIRST, tenant NULLS FIRST;
+SELECT jobloop.resume();
+SELECT count(*) FROM jobloop.pause;

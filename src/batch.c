@@ -481,7 +481,8 @@ settle(Advance *a, TimestampTz now)
 	{
 		int			delay_ms = a->resumed ? 0 : a->request->delay_ms;
 		TimestampTz due = now + (TimestampTz) delay_ms * 1000;
-		bool		release = delay_ms > jobloop_hold_delay;
+		bool		release = delay_ms > jobloop_hold_delay ||
+			pause_covers(job->kind_name, job->tenant);
 
 		held_set_request(job, a->request_json, request_copy(a->request, held_context()));
 		p = add_pending(job, release ? AFTER_DROP : AFTER_SEND, due);
@@ -537,7 +538,7 @@ static void
 retry_later(HeldJob *job, const char *error, int64 retry_after, TimestampTz now)
 {
 	int64		delay = backoff_ms(job->kind, job->attempts, retry_after);
-	bool		release = delay > jobloop_hold_delay;
+	bool		release = delay > jobloop_hold_delay || pause_covers(job->kind_name, job->tenant);
 	TimestampTz due = now + delay * 1000;
 	Pending    *p = add_pending(job, release ? AFTER_DROP : AFTER_SEND, due);
 	JobUpdate  *u = add_update(p, "running");
@@ -714,6 +715,38 @@ rescan_held(void)
 }
 
 /*
+ * The pauses changed: the jobs we hold that a pause now covers and that
+ * wait for their next request (a delay, a backoff, a limit) go back to the
+ * table now, keeping their place (run_after); those whose call is in flight
+ * go back once its step is committed (settle, retry_later).
+ */
+static void
+let_go_of_paused(TimestampTz now)
+{
+	HeldJob   **jobs;
+	int			n = held_count();
+
+	if (n == 0)
+		return;
+	jobs = palloc(n * sizeof(HeldJob *));
+	n = held_all(jobs, n);
+	for (int i = 0; i < n; i++)
+	{
+		HeldJob    *job = jobs[i];
+		Pending    *p;
+		JobUpdate  *u;
+
+		if ((job->phase != HELD_WAITING && job->phase != HELD_BLOCKED) || job->deferred ||
+			!pause_covers(job->kind_name, job->tenant))
+			continue;
+		p = add_pending(job, AFTER_DROP, 0);
+		u = add_update(p, "running");
+		u->release = true;
+		u->run_after = Max(job->not_before, now);
+	}
+}
+
+/*
  * One batch: everything the loop found to do since the last one.
  */
 bool
@@ -748,6 +781,8 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 	}
 	pgstat_report_activity(STATE_RUNNING, "jobloop: advancing jobs");
 	limits_sync();
+	if (pause_sync())
+		let_go_of_paused(now);
 
 	if (nreleases > 0)
 		store_release(releases, nreleases);

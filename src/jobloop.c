@@ -39,6 +39,7 @@ int			jobloop_retention = 7 * 86400;
 int			jobloop_max_state_size = 1024 * 1024;
 int			jobloop_max_request_size = 1024 * 1024;
 int			jobloop_idle_connection_timeout = 30;
+bool		jobloop_start_paused = false;
 
 static void
 define_gucs(void)
@@ -195,6 +196,17 @@ define_gucs(void)
 							PGC_SIGHUP,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("jobloop.start_paused",
+							 "Start with the jobs of every served database paused.",
+							 "The first worker of a database to start after the server does runs "
+							 "jobloop.pause() there: for a restored copy that must not call the APIs "
+							 "its source called.  jobloop.resume() lets the jobs run.",
+							 &jobloop_start_paused,
+							 false,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("jobloop");
 }

@@ -48,6 +48,7 @@ extern int	jobloop_retention;			/* seconds; 0 keeps finished jobs forever */
 extern int	jobloop_max_state_size;		/* bytes */
 extern int	jobloop_max_request_size;	/* bytes */
 extern int	jobloop_idle_connection_timeout;	/* seconds */
+extern bool jobloop_start_paused;
 
 /* ---- shared.c: shared memory between backends and workers ---- */
 #define CANCEL_QUEUE_SIZE	256
@@ -88,6 +89,7 @@ typedef struct WorkerSlot
 	int32		overrun_step;	/* ... at this step */
 	Oid			overrun_fn;
 	bool		connect_failed; /* its last start found no database to connect to */
+	bool		started;		/* a worker started in this slot since the server did */
 } WorkerSlot;
 
 typedef struct JobloopShared
@@ -283,6 +285,12 @@ extern void wake_workers_at_commit(void);
 extern int64 interval_ms(Interval *span);
 extern void notify_job(int64 id, const char *status, int32 step, const char *tenant,
 					   const char *kind, const char *error);
+
+/* ---- pause.c: paused kinds and tenants ---- */
+extern void pause_init_worker(void);
+extern bool pause_sync(void);
+extern bool pause_covers(const char *kind, const char *tenant);
+extern void pause_at_start(const char *database);
 
 /* ---- held.c: the jobs a worker holds, in memory ---- */
 #include "lib/ilist.h"

@@ -248,8 +248,11 @@ take_turns_if_capped(void)
  * the same round.  When there are more tenants than slots, the round starts
  * after the tenant where the previous one stopped.
  */
-/* The claim statement, but for its last column (see store_claim). */
-#define CLAIM_SQL \
+/*
+ * The claim statement, in parts: schemas from 0.3.0 on have pauses and key
+ * tokens, older ones neither (see store_claim).
+ */
+#define CLAIM_SQL_TENANTS \
 	"WITH RECURSIVE tenants(t) AS (" \
 	"    (SELECT coalesce(tenant, '') FROM jobloop.job" \
 	"      WHERE worker IS NULL AND status = ANY (ARRAY['pending', 'running'])" \
@@ -266,7 +269,13 @@ take_turns_if_capped(void)
 	"             WHERE coalesce(h.tenant, '') = t.t AND h.worker IS NOT NULL), 0)" \
 	"      ELSE $1 END AS room" \
 	"      FROM tenants t LEFT JOIN jobloop.tenant_limit l ON l.tenant = t.t" \
-	"     WHERE t.t IS NOT NULL)," \
+	"     WHERE t.t IS NOT NULL"
+/* ... whole tenants paused (with every kind) get no room */
+#define CLAIM_SQL_UNPAUSED_TENANTS \
+	"       AND NOT EXISTS (SELECT FROM jobloop.pause ps WHERE ps.kind IS NULL" \
+	"                         AND (ps.tenant IS NULL OR ps.tenant = t.t))"
+#define CLAIM_SQL_JOBS \
+	")," \
 	" share AS (SELECT greatest(1, $1 / greatest(count(*), 1))::integer AS n" \
 	"             FROM room WHERE room > 0)," \
 	" c AS (" \
@@ -274,7 +283,12 @@ take_turns_if_capped(void)
 	"      LATERAL (SELECT j.id, j.status FROM jobloop.job j" \
 	"                WHERE coalesce(j.tenant, '') = r.t AND j.worker IS NULL" \
 	"                  AND j.status = ANY (ARRAY['pending', 'running'])" \
-	"                  AND j.run_after <= now()" \
+	"                  AND j.run_after <= now()"
+/* ... nor jobs of a paused kind */
+#define CLAIM_SQL_UNPAUSED_JOBS \
+	"                  AND NOT EXISTS (SELECT FROM jobloop.pause ps WHERE ps.kind = j.kind" \
+	"                                    AND (ps.tenant IS NULL OR ps.tenant = r.t))"
+#define CLAIM_SQL_RETURNING \
 	"                ORDER BY j.run_after, j.id" \
 	"                LIMIT least(r.room, s.n)" \
 	"                FOR NO KEY UPDATE SKIP LOCKED) p" \
@@ -303,12 +317,16 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 
 	if (!take_turns_if_capped())
 		return -1;
-	/* each job's Idempotency-Key token; schemas before 0.3.0 have none */
+	/* schemas before 0.3.0 have neither pauses nor Idempotency-Key tokens */
 	if (has_key_tokens)
-		store_run_plan(&plan, CLAIM_SQL ", j.key_token::text",
+		store_run_plan(&plan,
+					   CLAIM_SQL_TENANTS CLAIM_SQL_UNPAUSED_TENANTS
+					   CLAIM_SQL_JOBS CLAIM_SQL_UNPAUSED_JOBS
+					   CLAIM_SQL_RETURNING ", j.key_token::text",
 					   5, types, values, NULL, SPI_OK_UPDATE_RETURNING);
 	else
-		store_run_plan(&plan_before_0_3, CLAIM_SQL ", NULL::text",
+		store_run_plan(&plan_before_0_3,
+					   CLAIM_SQL_TENANTS CLAIM_SQL_JOBS CLAIM_SQL_RETURNING ", NULL::text",
 					   5, types, values, NULL, SPI_OK_UPDATE_RETURNING);
 
 	for (uint64 i = 0; i < SPI_processed; i++)

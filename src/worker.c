@@ -95,6 +95,9 @@ release_all(void *arg)
 
 	if (reason)
 		store_fail_job(overrun_job, overrun_step, reason);
+	if (jobloop_start_paused && !shared_slot(my_worker)->started)
+		pause_at_start(my_database);
+	shared_slot(my_worker)->started = true;
 	store_release_all(siblings, n);
 }
 
@@ -426,6 +429,7 @@ jobloop_worker_main(Datum main_arg)
 	keep_freed_memory();
 	held_init(my_worker);
 	limits_init_worker();
+	pause_init_worker();
 	http_init();
 	responded = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
 	parked = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));

@@ -19,12 +19,12 @@ use strict; use warnings;
 my ($store, @specs) = @ARGV;
 sub norm { my $s = shift; $s =~ s/\s+/ /g; $s =~ s/^ | $//g; $s =~ s/\( /(/g; $s =~ s/ \)/)/g; return $s; }
 open(my $fh, "<", $store) or die "$store: $!"; my $c = do { local $/; <$fh> }; close $fh;
-# A statement may start with a macro of string literals (#define NAME "..." \ "..."): expand it.
+# A statement may be made of macros of string literals (#define NAME \ "..." \ "..."): expand them.
 my %macro;
 while ($c =~ /^#define (\w+) \\\n((?:[ \t]*"(?:[^"\\]|\\.)*"[ \t]*\\?\n)+)/mg) {
     my ($name, $body) = ($1, $2); $body =~ s/\\\n/\n/g; $macro{$name} = $body;
 }
-for my $m (keys %macro) { $c =~ s/(run_plan\(\s*&\w+,\s*)$m\b/$1$macro{$m}/g; }
+for my $m (keys %macro) { $c =~ s/(?<!#define )\b$m\b/$macro{$m}/g; }
 my %sql;
 while ($c =~ /^(\w+)\([^\n]*\)\n\{(.*?)^\}/msg) {
     my ($fn, $body) = ($1, $2);
