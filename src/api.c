@@ -17,6 +17,7 @@
 #include "jobloop.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
@@ -89,6 +90,21 @@ leave_owner_context(OwnerContext *cxt)
 	SPI_finish();
 	AtEOXact_GUC(true, cxt->saved_nestlevel);
 	SetUserIdAndSecContext(cxt->saved_userid, cxt->saved_sec_context);
+}
+
+/*
+ * Jobs are changed on the primary: a standby is read-only, and no worker
+ * runs there.  Say so, rather than "cannot execute INSERT in a read-only
+ * transaction".
+ */
+void
+require_primary(const char *what)
+{
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("cannot %s on a standby server", what),
+				 errhint("Connect to the primary; jobs run there, and reach the standby by replication.")));
 }
 
 bool
@@ -502,6 +518,7 @@ jobloop_submit(PG_FUNCTION_ARGS)
 	bool		isnull;
 	int64		id = 0;
 
+	require_primary("submit jobs");
 	require_arg(fcinfo, 0, "kind");
 	require_arg(fcinfo, 1, "state");
 	kind = text_to_cstring(PG_GETARG_TEXT_PP(0));
@@ -645,6 +662,7 @@ jobloop_cancel(PG_FUNCTION_ARGS)
 	bool		tenant_isnull;
 	char	   *kind;
 
+	require_primary("cancel jobs");
 	require_arg(fcinfo, 0, "job id");
 	id = PG_GETARG_INT64(0);
 	values[0] = Int64GetDatum(id);
@@ -721,6 +739,7 @@ jobloop_retry(PG_FUNCTION_ARGS)
 	int32		step;
 	MemoryContext old;
 
+	require_primary("retry jobs");
 	require_arg(fcinfo, 0, "job id");
 	id = PG_GETARG_INT64(0);
 	values[0] = Int64GetDatum(id);

@@ -92,6 +92,7 @@ jobloop_pause(PG_FUNCTION_ARGS)
 	OwnerContext cxt;
 	bool		added;
 
+	require_primary("pause jobs");
 	require_admin("pause jobs");
 	pause_args(fcinfo, values, nulls);
 	enter_owner_context(&cxt);
@@ -120,6 +121,7 @@ jobloop_resume(PG_FUNCTION_ARGS)
 	OwnerContext cxt;
 	int			removed;
 
+	require_primary("resume jobs");
 	require_admin("resume jobs");
 	pause_args(fcinfo, values, nulls);
 	enter_owner_context(&cxt);
