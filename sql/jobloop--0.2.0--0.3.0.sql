@@ -161,3 +161,7 @@ CREATE OR REPLACE VIEW jobloop.stats WITH (security_invoker = true) AS
                    pg_catalog.avg(s.commit_ms) AS commit_ms
               FROM jobloop.worker_stats() s
              WHERE s.database OPERATOR(pg_catalog.=) pg_catalog.current_database()) w;
+
+-- pg_dump by a non-superuser member of jobloop_admin (a database owner, say, with
+-- --enable-row-security) reads the id sequence with the rows.
+GRANT SELECT ON SEQUENCE jobloop.job_id_seq TO jobloop_admin;

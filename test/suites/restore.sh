@@ -16,6 +16,8 @@
 #            (seconds, not the lease) and runs the jobs to completion
 #   retry    retry() of a failed job in the copy runs it again from its step, with the
 #            same keys
+#   owner    the database owner, not a superuser but a member of jobloop_admin, dumps
+#            every job with pg_dump --enable-row-security
 #   no db    until jl_copy is created, its worker logs one FATAL, then waits quietly
 #            (one LOG line) instead of failing every 5 seconds
 #
@@ -40,7 +42,7 @@ q() {       # q DB SQL: one value
 jl_cluster_start "jobloop.database = 'jobloop, jl_copy'" "jobloop.workers = 1" \
     "jobloop.lease_timeout = '1h'" >&2 || tap_bail "could not start a cluster"
 jl_mock_start >&2 || tap_bail "could not start the mock API"
-tap_plan 12
+tap_plan 14
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-restore.XXXXXX")
 jl_on_exit rm -rf -- "$work"
@@ -131,5 +133,16 @@ tap_ok $rc "it runs again from step 1 and completes" \
     "$(q jl_copy "SELECT status, step, last_error FROM jobloop.job WHERE id = $bad")"
 tap_is "$(grep -cF "\"jobloop-$bad_token-1\"" "$JL_MOCK_LOG" || true)" "2" \
     "its step 1 reached the API with the same key before (the 422) and after the retry"
+
+# A database owner who is not a superuser dumps every job: as a member of jobloop_admin,
+# with --enable-row-security (pg_dump's default, row_security = off, refuses a table with
+# row-level security to anyone but its owner).
+q postgres "CREATE ROLE jl_dbo LOGIN; ALTER DATABASE jobloop OWNER TO jl_dbo; GRANT jobloop_admin TO jl_dbo" >/dev/null
+rc=0
+"$JL_PGBIN/pg_dump" -h "$PGHOST" -p "$PGPORT" -U jl_dbo --enable-row-security -f "$work/owner.sql" jobloop \
+    2>"$work/owner.err" || rc=$?
+tap_ok $rc "pg_dump by the database owner (not a superuser, a member of jobloop_admin)" "$(cat "$work/owner.err")"
+tap_is "$(awk '/^COPY jobloop.job /{f=1; next} /^\\\.$/{f=0} f' "$work/owner.sql" | wc -l)" \
+    "$(q jobloop "SELECT count(*) FROM jobloop.job")" "... with every job in it"
 
 tap_done
