@@ -87,6 +87,13 @@ host_problem(const char *s)
 		return "has an empty label";
 	if (numeric)
 		return "is neither an IP address nor a host name (its last part is a number)";
+	{
+		struct in_addr a;
+
+		/* "0x7f.1", "0x7f000001": inet_aton's forms, which libcurl rewrites */
+		if (inet_aton(s, &a) != 0)
+			return "is an IPv4 address in a form libcurl rewrites: write it as dotted decimal";
+	}
 	return NULL;
 }
 
@@ -262,8 +269,8 @@ classify_v4(const unsigned char *a)
 }
 
 /*
- * Forms that embed an IPv4 address (mapped, compatible, NAT64, 6to4) are
- * judged by that address.
+ * Forms that embed an IPv4 address (mapped, compatible, NAT64 and its
+ * local-use prefix 64:ff9b:1::/48, 6to4) are judged by that address.
  */
 static const char *
 classify_v6(const unsigned char *a, const unsigned char **v4)
@@ -271,10 +278,12 @@ classify_v6(const unsigned char *a, const unsigned char **v4)
 	static const unsigned char zero[16] = {0};
 	static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF};
 	static const unsigned char nat64[12] = {0, 0x64, 0xFF, 0x9B, 0, 0, 0, 0, 0, 0, 0, 0};
+	static const unsigned char nat64_local[6] = {0, 0x64, 0xFF, 0x9B, 0, 0x01};	/* RFC 8215 */
 
 	if (memcmp(a, zero, 15) == 0 && (a[15] == 0 || a[15] == 1))
 		return a[15] == 0 ? "unspecified" : "loopback";
-	if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0 || memcmp(a, nat64, 12) == 0)
+	if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0 || memcmp(a, nat64, 12) == 0 ||
+		memcmp(a, nat64_local, 6) == 0)
 		*v4 = a + 12;
 	else if (a[0] == 0x20 && a[1] == 0x02)
 		*v4 = a + 2;
