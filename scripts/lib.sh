@@ -33,6 +33,12 @@
 #   jl_mock_start / jl_mock_stop     nginx mock API; exports JL_MOCK_PORT JL_MOCK_URL
 #                                    JL_MOCK_URL2 JL_MOCK_DIR JL_MOCK_LOG JL_MOCK_LOG2
 #   jl_on_exit CMD [ARG...]          add a cleanup command (run in reverse order at exit)
+#   jl_sanitize_findings [LOG...]    with JL_SANITIZE=address: print the ASan reports and the
+#                                    crashes in LOGs; sets JL_SANITIZE_FOUND (0 = clean)
+#
+# JL_SANITIZE=address (with JL_SANITIZE_DIR, both exported) makes jl_build and the cluster
+# functions build and run an AddressSanitizer variant of jobloop instead, so every suite
+# built on this file runs under ASan unchanged (see "AddressSanitizer" below).
 #
 # Cleanup: lib.sh installs ONE exit trap that runs the registered cleanups last-in
 # first-out (nginx and the cluster are stopped, temp dirs removed).  A script that needs
@@ -281,6 +287,10 @@ _jl_stop_default_services() {
 
 jl_build() {
     local make_args=(-C "$JL_ROOT" PG_CONFIG="$JL_PGBIN/pg_config")
+    if [[ -n "${JL_SANITIZE:-}" ]]; then
+        _jl_build_asan
+        return
+    fi
     jl_log "building jobloop"
     make -s -j"$(nproc 2>/dev/null || echo 2)" "${make_args[@]}" \
         || { jl_log "build failed"; return 1; }
@@ -331,8 +341,16 @@ jl_cluster_start() {
         return 1
     fi
 
+    if [[ -n "${JL_SANITIZE:-}" ]]; then
+        _jl_asan_ready || return 1
+    fi
+
     dir=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-pg.XXXXXX") || return 1
     jl_on_exit _jl_rm_dir "$dir"
+    if [[ -n "${JL_SANITIZE:-}" ]]; then
+        # Runs after the cluster's stop (registered below) and before $dir is removed.
+        jl_on_exit _jl_asan_save_log "$dir" "$JL_SANITIZE_DIR"
+    fi
     data=$dir/data
     log=$dir/server.log
     if [[ $EUID -eq 0 ]]; then
@@ -388,7 +406,7 @@ jl_cluster_start() {
             fi
         } >>"$data/postgresql.conf" || return 1
 
-        if _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$data" -l "$log" -w -t 60 start >"$dir/pg_ctl.out" 2>&1; then
+        if _jl_pg_ctl_start "$data" "$log" >"$dir/pg_ctl.out" 2>&1; then
             break
         fi
         if (( attempt < 3 )) && grep -q 'could not bind\|Address already in use' "$log" 2>/dev/null; then
@@ -404,6 +422,24 @@ jl_cluster_start() {
     export PGPORT=$port PGHOST=127.0.0.1 PGUSER=postgres PGDATABASE=jobloop
 
     jl_log "PostgreSQL $JL_PG_VERSION up on 127.0.0.1:$PGPORT (data $JL_PGDATA, log $JL_PGLOG)"
+    if [[ -n "${JL_SANITIZE:-}" ]]; then
+        jl_log "  under AddressSanitizer (jobloop from $JL_SANITIZE_DIR/install, reports to $JL_SANITIZE_DIR/reports)"
+    fi
+}
+
+# pg_ctl start DATA LOG: the system's postgres, or with JL_SANITIZE=address the private
+# installation's, with the ASan runtime preloaded (jobloop.so is instrumented and postgres
+# is not, so the runtime must be loaded first) and its options.
+_jl_pg_ctl_start() {
+    local data=$1 log=$2 runtime
+    if [[ -z "${JL_SANITIZE:-}" ]]; then
+        _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$data" -l "$log" -w -t 60 start
+        return
+    fi
+    runtime=$(_jl_asan_runtime) || return 1
+    _jl_as_pg env LD_PRELOAD="$runtime $(_jl_asan_shim)${LD_PRELOAD:+ $LD_PRELOAD}" \
+        ASAN_OPTIONS="$(_jl_asan_options "${data%/data}")" \
+        "$JL_PGBIN/pg_ctl" -D "$data" -l "$log" -w -t 60 -p "$(_jl_asan_bindir)/postgres" start
 }
 
 # Crash-stop the cluster (no shutdown checkpoint, children get SIGQUIT) and start it
@@ -412,7 +448,7 @@ jl_cluster_restart_immediate() {
     : "${JL_PGDATA:?jl_cluster_start first}"
     _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$JL_PGDATA" -m immediate -w stop >/dev/null \
         || { jl_log "immediate stop failed"; return 1; }
-    _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$JL_PGDATA" -l "$JL_PGLOG" -w -t 60 start >/dev/null \
+    _jl_pg_ctl_start "$JL_PGDATA" "$JL_PGLOG" >/dev/null \
         || { jl_log "restart failed; last lines of $JL_PGLOG:"; tail -n 20 "$JL_PGLOG" >&2; return 1; }
 }
 
@@ -439,6 +475,240 @@ jl_psql() {
     : "${PGPORT:?no cluster: call jl_cluster_start first}"
     "$JL_PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres \
         -d "${PGDATABASE:-jobloop}" "$@"
+}
+
+# ---------------------------------------------------------------------------------------
+# AddressSanitizer: JL_SANITIZE=address, JL_SANITIZE_DIR=<absolute directory>
+#
+# With both exported, the functions above build and run jobloop under ASan, so any script
+# built on this file (test/suites/*.sh, test/fault/fault.sh, ...) runs under it unchanged:
+#
+#   jl_build          builds jobloop with -fsanitize=address in a copy of the tree (PGXS
+#                     keeps an up-to-date object whatever flags built it, so the two builds
+#                     must not share a directory), and installs it with DESTDIR into
+#                     $JL_SANITIZE_DIR/install: a private PostgreSQL whose postgres binary
+#                     is a copy and whose lib and share entries are links to the system's,
+#                     except jobloop's own files.  PostgreSQL finds $libdir and its share
+#                     directory relative to its own binary, so a cluster started from the
+#                     copy loads the ASan build and the system installation is never
+#                     touched: nothing to restore afterwards, even after an interrupted run,
+#                     and a normal cluster started meanwhile still loads the normal build.
+#   jl_cluster_start  (and jl_cluster_restart_immediate) start the postmaster from the copy
+#                     with the ASan runtime preloaded; each report goes to
+#                     $JL_SANITIZE_DIR/reports/asan-<cluster>.<pid>, and at exit the server
+#                     log is copied to $JL_SANITIZE_DIR/logs/<script>-<cluster>.log.
+#   jl_sanitize_findings [LOG...]  judges them (by default every saved log).
+#
+# After a report ASan ends the process with exit code 1 (abort_on_error=0: no core dump of
+# a process with a 20 TB shadow map), so the report files, not exit statuses, are the
+# evidence.  (The postmaster still restarts every process, as after a crash: the child
+# left without its shared-memory cleanup.)  A fatal signal (SEGV, BUS, FPE, ILL, ABRT,
+# so also a PANIC) becomes a report with its stack too, in any process of the cluster.
+
+# The ASan runtime of the compiler that builds jobloop (gcc's libasan.so.N).
+_jl_asan_runtime() {
+    local cc lib
+    cc=$("$JL_PGBIN/pg_config" --cc 2>/dev/null) || cc=gcc
+    cc=${cc%% *}
+    lib=$("$cc" -print-file-name=libasan.so 2>/dev/null) || lib=
+    lib=$(readlink -f "$lib" 2>/dev/null) || lib=
+    [[ -f "$lib" ]] || { jl_log "the ASan runtime (libasan.so of $cc) is not installed"; return 1; }
+    echo "$lib"
+}
+
+# The second library to preload, after the runtime.  A preloaded library's constructor runs
+# after those of the libraries the program links, so ASan initialises lazily, in the first
+# malloc() of another constructor: p11-kit's (linked through libldap and gnutls) calls it
+# from newlocale() with glibc's setlocale lock write-held.  ASan's initialisation looks up
+# swift_demangle with dlsym(); when that fails, dlerror() translates the message, which
+# takes the same lock as a reader and, being the writer already, corrupts it -- every
+# PostgreSQL program then hangs at its next setlocale() or bindtextdomain().  Defining
+# swift_demangle (a demangler that demangles nothing: ASan then demangles as before) makes
+# the lookup succeed, and the initialisation takes no lock.
+_jl_asan_shim() {
+    echo "$JL_SANITIZE_DIR/install/libjl_asan_swift_stub.so"
+}
+
+_jl_asan_build_shim() {
+    local cc out
+    cc=$("$JL_PGBIN/pg_config" --cc 2>/dev/null) || cc=gcc
+    out=$(_jl_asan_shim)
+    "${cc%% *}" -shared -fPIC -O2 -Wall -Werror -x c -o "$out" - <<'EOF' \
+        || { jl_log "could not build $out"; return 1; }
+#include <stddef.h>
+#include <stdint.h>
+char *swift_demangle(const char *name, size_t len, char *out, size_t *outlen, uint32_t flags);
+char *swift_demangle(const char *name, size_t len, char *out, size_t *outlen, uint32_t flags)
+{
+    (void) name; (void) len; (void) out; (void) outlen; (void) flags;
+    return NULL;
+}
+EOF
+}
+
+# The private installation's bin directory (the system's path, under install/).
+_jl_asan_bindir() {
+    echo "$JL_SANITIZE_DIR/install$("$JL_PGBIN/pg_config" --bindir)"
+}
+
+# ASAN_OPTIONS for the cluster in directory DIR.
+#   detect_leaks=0         backends free by resetting memory contexts and by exiting: noise
+#   abort_on_error=0       exit(1) after a report, no core
+#   log_path               one file per process that reports, named after the cluster
+#   handle_*=1             a fatal signal leaves a report with its stack
+#   print_cmdline=1        the report names the process ("postgres: jobloop worker 1")
+#   quarantine_size_mb=64  use-after-free window per process (256 by default; dozens of
+#                          backends run at once)
+_jl_asan_options() {
+    local dir=$1
+    local opts=(detect_leaks=0 abort_on_error=0 disable_coredump=1
+                "log_path=$JL_SANITIZE_DIR/reports/asan-${dir##*/}"
+                handle_segv=1 handle_sigbus=1 handle_sigfpe=1 handle_sigill=1 handle_abort=1
+                print_cmdline=1 quarantine_size_mb=64)
+    local IFS=:
+    echo "${opts[*]}"
+}
+
+# JL_SANITIZE is set: is it usable?
+_jl_asan_check_env() {
+    if [[ "$JL_SANITIZE" != address ]]; then
+        jl_log "JL_SANITIZE='$JL_SANITIZE': only 'address' is supported"
+        return 1
+    fi
+    if [[ "${JL_SANITIZE_DIR:-}" != /* ]]; then
+        jl_log "JL_SANITIZE=address needs JL_SANITIZE_DIR, an absolute directory (have '${JL_SANITIZE_DIR:-}')"
+        return 1
+    fi
+}
+
+# Ready to start a cluster under ASan: jl_build has installed into JL_SANITIZE_DIR.
+_jl_asan_ready() {
+    _jl_asan_check_env || return 1
+    [[ -x "$(_jl_asan_bindir)/postgres" && -f "$(_jl_asan_shim)" ]] || {
+        jl_log "no ASan build in $JL_SANITIZE_DIR (run jl_build with JL_SANITIZE=address first)"
+        return 1
+    }
+    _jl_asan_runtime >/dev/null
+}
+
+# Link each entry of SRC into DST that DST lacks, except jobloop's own files; the
+# directories named in DIRS... are created and filled the same way instead of linked.
+_jl_asan_link_missing() {
+    local src=$1 dst=$2 e name d walk
+    shift 2
+    mkdir -p "$dst" || return 1
+    for e in "$src"/*; do
+        [[ -e "$e" ]] || continue
+        name=${e##*/}
+        [[ "$name" == jobloop* ]] && continue
+        walk=
+        for d in "$@"; do [[ "$name" == "$d" ]] && walk=1; done
+        if [[ -n "$walk" && -d "$e" ]]; then
+            _jl_asan_link_missing "$e" "$dst/$name" || return 1
+        elif [[ ! -e "$dst/$name" && ! -L "$dst/$name" ]]; then
+            ln -s "$e" "$dst/$name" || return 1
+        fi
+    done
+}
+
+_jl_build_asan() {
+    local dir src root bindir pkglibdir sharedir make_args
+    _jl_asan_check_env || return 1
+    _jl_asan_runtime >/dev/null || return 1
+    dir=$JL_SANITIZE_DIR
+    src=$dir/build
+    root=$dir/install
+    make_args=(-C "$src" PG_CONFIG="$JL_PGBIN/pg_config" with_llvm=no
+               "COPT=-fsanitize=address -fno-omit-frame-pointer")
+    jl_log "building jobloop with AddressSanitizer (in $src)"
+    mkdir -p "$dir" && chmod 0755 "$dir" || return 1
+    rm -rf -- "$src" "$root" && mkdir -p "$src" "$dir/reports" "$dir/logs" || return 1
+    # The working tree as it is (like jl_build), without .git; `make clean` drops the normal
+    # build's products that came along.
+    tar -C "$JL_ROOT" --exclude=./.git -cf - . | tar -C "$src" -xf - \
+        || { jl_log "could not copy the tree to $src"; return 1; }
+    make -s "${make_args[@]}" clean >/dev/null 2>&1
+    make -s -j"$(nproc 2>/dev/null || echo 2)" "${make_args[@]}" \
+        || { jl_log "ASan build failed"; return 1; }
+    make -s "${make_args[@]}" DESTDIR="$root" install >/dev/null \
+        || { jl_log "ASan make install (DESTDIR=$root) failed"; return 1; }
+
+    bindir=$("$JL_PGBIN/pg_config" --bindir)
+    pkglibdir=$("$JL_PGBIN/pg_config" --pkglibdir)
+    sharedir=$("$JL_PGBIN/pg_config" --sharedir)
+    mkdir -p "$root$bindir" || return 1
+    # A copy, not a link: PostgreSQL resolves links to find its installation.
+    cp "$bindir/postgres" "$root$bindir/postgres" || return 1
+    _jl_asan_link_missing "$pkglibdir" "$root$pkglibdir" bitcode || return 1
+    _jl_asan_link_missing "$sharedir" "$root$sharedir" extension || return 1
+    _jl_asan_build_shim || return 1
+    chmod -R a+rX "$root" || return 1
+    if [[ $EUID -eq 0 ]]; then
+        chown postgres:postgres "$dir/reports" || return 1
+    fi
+    jl_log "installed the ASan build into $root$pkglibdir (the system's $pkglibdir is untouched)"
+}
+
+# At exit (registered by jl_cluster_start): keep the server log of the cluster in DIR.
+_jl_asan_save_log() {
+    local dir=$1 sdir=$2 script
+    [[ -f "$dir/server.log" && -d "$sdir/logs" ]] || return 0
+    script=${0##*/}
+    cp "$dir/server.log" "$sdir/logs/${script%.sh}-${dir##*/}.log"
+}
+
+# jl_sanitize_findings [LOG...]: the ASan reports in $JL_SANITIZE_DIR/reports, and the lines
+# of the server LOGs (default: the saved ones) where a process died of a signal other than 9
+# or ASan wrote to stderr.  Findings are grouped by what they say (a report by its SUMMARY
+# line, a log line without its time and pids: a bug that kills every restarted worker is
+# one finding, not thousands); each group is printed once, with how often it occurred and
+# its first report in full.  Sets JL_SANITIZE_FOUND to the number of groups; status 0 when
+# there are none.  Signal 9 is what the crash, fault and chaos suites send on purpose (kill
+# -9 of a worker), and no defect ends a process with it: a wild pointer or abort() is SEGV,
+# BUS or ABRT, which ASan also turns into a report.
+JL_SANITIZE_FOUND=0
+jl_sanitize_findings() {
+    local f key line logs=("$@") keys=()
+    local -A count=() first=()
+    JL_SANITIZE_FOUND=0
+    _jl_asan_check_env || { JL_SANITIZE_FOUND=1; return 1; }
+    if (( ${#logs[@]} == 0 )); then
+        for f in "$JL_SANITIZE_DIR"/logs/*.log; do
+            [[ -f "$f" ]] && logs+=("$f")
+        done
+    fi
+    for f in "$JL_SANITIZE_DIR"/reports/*; do
+        [[ -f "$f" ]] || continue
+        key=$(grep -m1 '^SUMMARY: ' "$f" || true)
+        if [[ -z "$key" ]]; then
+            # A process stopped while writing its report (the postmaster's SIGQUIT after
+            # another process crashed) leaves no SUMMARY line.
+            key=$(grep -m1 -o 'ERROR: AddressSanitizer: [A-Za-z-]*' "$f" || echo "an empty report")
+            key="$key (report cut short)"
+        fi
+        [[ -n "${count[$key]:-}" ]] || { keys+=("$key"); first[$key]=$f; }
+        count[$key]=$(( ${count[$key]:-0} + 1 ))
+    done
+    for key in "${keys[@]}"; do
+        echo "--- ${count[$key]} AddressSanitizer report(s): $key; the first, ${first[$key]}:"
+        sed -n '1,80p' "${first[$key]}"
+    done
+    JL_SANITIZE_FOUND=${#keys[@]}
+    keys=()
+    for f in "${logs[@]}"; do
+        [[ -f "$f" ]] || continue
+        while IFS= read -r line; do
+            key=$(sed -E 's/^[0-9-]+ [0-9:.]+ [A-Z]+ \[[0-9]+\] //; s/PID [0-9]+/PID n/g; s/==[0-9]+==/==n==/g; s/0x[0-9a-f]+/0x.../g' <<<"$line")
+            [[ -n "${count[$key]:-}" ]] || { keys+=("$key"); first[$key]="$f: $line"; }
+            count[$key]=$(( ${count[$key]:-0} + 1 ))
+        done < <(grep -E 'terminated by signal [0-9]+|AddressSanitizer' "$f" \
+                     | grep -Ev 'terminated by signal 9: ' || true)
+    done
+    for key in "${keys[@]}"; do
+        echo "--- ${count[$key]} server log line(s) like: ${first[$key]}"
+    done
+    JL_SANITIZE_FOUND=$(( JL_SANITIZE_FOUND + ${#keys[@]} ))
+    (( JL_SANITIZE_FOUND == 0 ))
 }
 
 # ---------------------------------------------------------------------------------------

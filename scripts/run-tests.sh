@@ -18,12 +18,20 @@
 #                    the worker's statements still match src/store.c) and every executable
 #                    test/suites/*.sh, test/crash/*.sh and test/fault/*.sh (each starts its
 #                    own cluster; one suite per script)
+#        memcheck    jobloop built with AddressSanitizer into a private installation (the
+#                    system's is not touched; JL_SANITIZE in scripts/lib.sh), and under it
+#                    the pgTAP files and the TAP suites again (and test/chaos/*.sh; not
+#                    MEMCHECK_SKIP, below); after each, one more suite with a failed test
+#                    per distinct ASan report or crash (a process that died of a signal
+#                    other than the suites' kill -9); after the first findings the rest
+#                    is skipped
 #   4. ends with one line, "N passed, N failed", counting each pg_regress and isolation
 #      test and each TAP assertion, after naming the suites that failed.
 #
 # Exit status: 0 only if nothing failed and at least one test ran.
 # Usage:  scripts/run-tests.sh            everything
 #         scripts/run-tests.sh SUITE...   only those suites: regress isolation pgtap tap
+#                                         memcheck
 # Env:    JL_KEEP=1 leaves the cluster and the mock running afterwards (see lib.sh).
 
 set -uo pipefail
@@ -35,11 +43,11 @@ cd "$JL_ROOT" || exit 1
 
 PG_CONFIG_PATH=$JL_PGBIN/pg_config
 SELECTED=("$@")
-(( ${#SELECTED[@]} > 0 )) || SELECTED=(regress isolation pgtap tap)
+(( ${#SELECTED[@]} > 0 )) || SELECTED=(regress isolation pgtap tap memcheck)
 for s in "${SELECTED[@]}"; do
     case $s in
-        regress|isolation|pgtap|tap) ;;
-        *) jl_die "unknown suite '$s' (regress, isolation, pgtap, tap)" ;;
+        regress|isolation|pgtap|tap|memcheck) ;;
+        *) jl_die "unknown suite '$s' (regress, isolation, pgtap, tap, memcheck)" ;;
     esac
 done
 selected() {
@@ -192,8 +200,10 @@ run_tap() {
     (( failed == 0 ))
 }
 
+# run_pgtap [LABEL]: every pgTAP file against the cluster and mock of this shell, each a
+# suite named "[LABEL ]pgtap FILE".
 run_pgtap() {
-    local f found=
+    local label=${1:+$1 } f found=
     # The pgTAP files find the mock through these settings (see test/pgtap/lib.psql).
     jl_psql -d jobloop <<SQL || setup_failed "could not configure database jobloop for pgTAP"
 ALTER DATABASE jobloop SET test.mock_url = '$JL_MOCK_URL';
@@ -204,7 +214,7 @@ SQL
     for f in test/pgtap/*.sql; do
         [[ -f "$f" ]] || continue
         found=1
-        run_tap "pgtap $f" pg_prove --verbose --host 127.0.0.1 --port "$PGPORT" \
+        run_tap "${label}pgtap $f" pg_prove --verbose --host 127.0.0.1 --port "$PGPORT" \
             --username postgres --dbname jobloop "$f" || NEED_SERVER_LOG=1
     done
     [[ -n "$found" ]] || echo "==> no test/pgtap/*.sql"
@@ -221,12 +231,93 @@ run_scripts() {
     [[ -n "$found" ]] || echo "==> no executable test/{suites,crash,fault}/*.sh"
 }
 
+# memcheck: after the pgTAP files, the executable suite scripts that start a server run
+# again under ASan (test/chaos/ too; check-sync.sh starts none), but those of
+# MEMCHECK_SKIP.  ASan sees malloc'd memory (libcurl's buffers, the HTTP engine's),
+# jobloop's stack and globals, and every fatal signal; not shared memory, nor palloc'd
+# memory inside PostgreSQL's blocks.  The skipped suites exercise little else (shared-memory
+# rate limits, claim order, SQL upgrade scripts) and spend their time waiting (80 s of the
+# 5 minutes all suites took).  The rest takes about 4 minutes.
+MEMCHECK_SCRIPTS=(test/suites/*.sh test/crash/*.sh test/fault/*.sh test/chaos/*.sh)
+MEMCHECK_SKIP=(test/suites/limits.sh test/suites/fairness.sh test/suites/upgrade.sh)
+
+# memcheck_verdict LABEL [LOG...]: one suite, "LABEL: ASan reports and crashes", with one
+# failed test per distinct finding of jl_sanitize_findings (ASan reports; crashes in LOGs
+# or, by default, in the server logs the suite's clusters left), else one passed test.
+# The evidence then moves to judged/, so each suite is judged by its own.  Status 1 if
+# anything was found.
+memcheck_verdict() {
+    local label=$1 out=$WORK/memcheck-findings.out found
+    shift
+    jl_sanitize_findings "$@" >"$out" 2>&1
+    found=$JL_SANITIZE_FOUND
+    if (( found > 0 )); then
+        echo "==> $label: AddressSanitizer reports or crashes:"
+        cat "$out"
+        record "$label: ASan reports and crashes" 0 "$found"
+    else
+        record "$label: ASan reports and crashes" 1 0
+    fi
+    mkdir -p "$JL_SANITIZE_DIR/judged"
+    find "$JL_SANITIZE_DIR/reports" "$JL_SANITIZE_DIR/logs" -maxdepth 1 -type f \
+        -exec mv -t "$JL_SANITIZE_DIR/judged" -- {} +
+    (( found == 0 ))
+}
+
+run_memcheck() {
+    local t0=$SECONDS t f pglog="" clean=1
+    echo
+    echo "######## memcheck: jobloop under AddressSanitizer"
+    # Under $WORK (removed at exit), which postgres must be able to traverse.
+    chmod 0755 "$WORK"
+    export JL_SANITIZE=address JL_SANITIZE_DIR=$WORK/asan
+    if ! jl_build; then
+        record "memcheck: building jobloop with AddressSanitizer" 0 1
+        unset JL_SANITIZE JL_SANITIZE_DIR
+        return 0
+    fi
+
+    t=$SECONDS
+    # shellcheck disable=SC2119
+    if jl_cluster_start && pglog=$JL_PGLOG && jl_mock_start; then
+        run_pgtap memcheck
+        if [[ "${JL_KEEP:-}" != 1 ]]; then
+            jl_mock_stop
+            jl_cluster_stop
+        fi
+    else
+        record "memcheck: starting PostgreSQL and the mock API under ASan" 0 1
+    fi
+    memcheck_verdict "memcheck pgtap" ${pglog:+"$pglog"} || clean=
+    echo "==> memcheck pgtap: $((SECONDS - t)) s"
+
+    for f in "${MEMCHECK_SCRIPTS[@]}"; do
+        [[ -f "$f" && -x "$f" ]] || continue
+        [[ " ${MEMCHECK_SKIP[*]} " == *" $f "* ]] && continue
+        if [[ -z "$clean" ]]; then
+            # A worker that dies of a memory error makes every suite wait out its
+            # deadlines (minutes each); the first reports are the ones to read.
+            echo "==> memcheck: $f skipped after the findings above"
+            continue
+        fi
+        t=$SECONDS
+        run_tap "memcheck tap $f" prove --verbose --merge "$f" || true
+        memcheck_verdict "memcheck tap $f" || clean=
+        echo "==> memcheck $f: $((SECONDS - t)) s"
+    done
+    unset JL_SANITIZE JL_SANITIZE_DIR
+    echo "==> memcheck ran for $((SECONDS - t0)) s"
+}
+
 # ---------------------------------------------------------------------------------------
 # Main
 
 # shellcheck disable=SC2119  # (lib.sh functions take optional arguments; none here)
 jl_install_deps || setup_failed "installing dependencies"
-jl_build || setup_failed "building jobloop"
+# (memcheck builds its own variant, and leaves the system's installation alone)
+if selected regress || selected isolation || selected pgtap || selected tap; then
+    jl_build || setup_failed "building jobloop"
+fi
 
 if selected regress || selected isolation || selected pgtap; then
     # shellcheck disable=SC2119
@@ -252,5 +343,6 @@ if [[ -n "${JL_PGDATA:-}" && "${JL_KEEP:-}" != 1 ]]; then
 fi
 
 selected tap && run_scripts
+selected memcheck && run_memcheck
 
 summary
