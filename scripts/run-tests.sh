@@ -2,11 +2,17 @@
 #
 # scripts/run-tests.sh -- build jobloop and run every test suite; the README's test command.
 #
+# By default it runs everything on each PostgreSQL version jobloop supports, 15, 17 and
+# 18: scripts/matrix.sh runs this script once per version, natively for the one this
+# Debian ships and in a debootstrap'd chroot for the others, prints one summary line per
+# version and ends with the total.  JL_PG_VERSIONS=15 (any list) narrows it; for a single
+# version that is this system's, the run is as below, with no chroot.
+#
 # On a fresh Debian 12, as root (or a user with sudo), interactively or in CI (CI=true,
 # no stdin):
 #
 #   1. installs what is missing and builds and installs jobloop (scripts/lib.sh),
-#   2. starts a throw-away PostgreSQL 15 cluster (jobloop preloaded, workers serving
+#   2. starts a throw-away PostgreSQL cluster (jobloop preloaded, workers serving
 #      database jobloop) and the nginx mock API on loopback,
 #   3. runs, in order, each as one suite:
 #        regress     make installcheck: the pg_regress tests (sql/, expected/), in
@@ -32,7 +38,8 @@
 # Usage:  scripts/run-tests.sh            everything
 #         scripts/run-tests.sh SUITE...   only those suites: regress isolation pgtap tap
 #                                         memcheck
-# Env:    JL_KEEP=1 leaves the cluster and the mock running afterwards (see lib.sh).
+# Env:    JL_PG_VERSIONS="15 17 18" the PostgreSQL versions to run (scripts/matrix.sh).
+#         JL_KEEP=1 leaves the cluster and the mock running afterwards (see lib.sh).
 
 set -uo pipefail
 
@@ -55,6 +62,12 @@ selected() {
     for s in "${SELECTED[@]}"; do [[ "$s" == "$1" ]] && return 0; done
     return 1
 }
+
+# Several PostgreSQL versions (by default 15, 17 and 18), or another than this system's:
+# scripts/matrix.sh runs this script once per version, natively or in a chroot.
+if jl_matrix_wanted; then
+    exec bash "$JL_ROOT/scripts/matrix.sh" "$@"
+fi
 
 TOTAL_PASSED=0
 TOTAL_FAILED=0
@@ -109,10 +122,15 @@ setup_failed() {
 # pg_regress / pg_isolation_regress output: "test NAME ... ok 12 ms" (or "     NAME ...",
 # in parallel groups); prints "PASSED FAILED".
 count_regress() {
+    # PostgreSQL 16 and later print "ok 1 - NAME  12 ms" ("+" in parallel groups) and
+    # "not ok 2 - NAME  12 ms" instead.
     awk '
         / \.\.\. +(ok|FAILED|failed) +\(ignored\)/   { next }
         / \.\.\. +ok( |$)/                          { ok++; next }
         / \.\.\. +(FAILED|failed)( |$)/             { bad++; next }
+        /^(not )?ok +[0-9]+ +[-+] .*# *\(?ignored/   { next }
+        /^ok +[0-9]+ +[-+] /                        { ok++; next }
+        /^not ok +[0-9]+ +[-+] /                    { bad++; next }
         END { printf "%d %d\n", ok, bad }' "$1"
 }
 
@@ -222,13 +240,14 @@ SQL
 
 run_scripts() {
     local f found=
-    for f in test/isolation/check-sync.sh test/suites/*.sh test/crash/*.sh test/fault/*.sh; do
+    for f in test/isolation/check-sync.sh test/suites/*.sh test/crash/*.sh test/fault/*.sh \
+             test/chaos/*.sh; do
         # Only executable scripts are suites (helpers such as common.sh are sourced).
         [[ -f "$f" && -x "$f" ]] || continue
         found=1
         run_tap "tap $f" prove --verbose --merge "$f" || true
     done
-    [[ -n "$found" ]] || echo "==> no executable test/{suites,crash,fault}/*.sh"
+    [[ -n "$found" ]] || echo "==> no executable test/{suites,crash,fault,chaos}/*.sh"
 }
 
 # memcheck: after the pgTAP files, the executable suite scripts that start a server run
