@@ -188,7 +188,7 @@ run_in_chroot() {
     chroot "$root" /usr/bin/env -i \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root LANG=C.UTF-8 TERM=dumb ${CI:+CI="$CI"} "${settings[@]}" \
-        JL_PG_VERSION="$v" JL_PG_VERSIONS="$v" \
+        JL_PG_VERSION="$v" JL_PG_VERSIONS="$v" JL_IN_CHROOT=1 \
         bash /opt/jobloop/scripts/run-tests.sh "$@" </dev/null {fd}>&- || rc=$?
     chroot_umount "$root" || true
     exec {fd}>&-

@@ -22,8 +22,11 @@
 #                    against the mock (one suite per file)
 #        tap         prove on test/isolation/check-sync.sh (the isolation specs' copies of
 #                    the worker's statements still match src/store.c) and every executable
-#                    test/suites/*.sh, test/crash/*.sh and test/fault/*.sh (each starts its
-#                    own cluster; one suite per script)
+#                    test/suites/*.sh, test/crash/*.sh, test/fault/*.sh and test/chaos/*.sh
+#                    (each starts its own cluster; one suite per script)
+#        fuzz        test/fuzz/run.sh: the libFuzzer targets of the parsers that need no
+#                    backend (allowed_hosts, response headers, Retry-After), 20 s each;
+#                    natively only (not again in each version's chroot)
 #        memcheck    jobloop built with AddressSanitizer into a private installation (the
 #                    system's is not touched; JL_SANITIZE in scripts/lib.sh), and under it
 #                    the pgTAP files and the TAP suites again (and test/chaos/*.sh; not
@@ -37,7 +40,7 @@
 # Exit status: 0 only if nothing failed and at least one test ran.
 # Usage:  scripts/run-tests.sh            everything
 #         scripts/run-tests.sh SUITE...   only those suites: regress isolation pgtap tap
-#                                         memcheck
+#                                         fuzz memcheck
 # Env:    JL_PG_VERSIONS="15 17 18" the PostgreSQL versions to run (scripts/matrix.sh).
 #         JL_KEEP=1 leaves the cluster and the mock running afterwards (see lib.sh).
 
@@ -50,11 +53,16 @@ cd "$JL_ROOT" || exit 1
 
 PG_CONFIG_PATH=$JL_PGBIN/pg_config
 SELECTED=("$@")
-(( ${#SELECTED[@]} > 0 )) || SELECTED=(regress isolation pgtap tap memcheck)
+# The fuzz targets test code that does not depend on PostgreSQL (allowlist.c, headers.c):
+# they run once, natively, not again in each version's chroot.
+if (( ${#SELECTED[@]} == 0 )); then
+    SELECTED=(regress isolation pgtap tap memcheck)
+    [[ -n "${JL_IN_CHROOT:-}" ]] || SELECTED+=(fuzz)
+fi
 for s in "${SELECTED[@]}"; do
     case $s in
-        regress|isolation|pgtap|tap|memcheck) ;;
-        *) jl_die "unknown suite '$s' (regress, isolation, pgtap, tap, memcheck)" ;;
+        regress|isolation|pgtap|tap|memcheck|fuzz) ;;
+        *) jl_die "unknown suite '$s' (regress, isolation, pgtap, tap, memcheck, fuzz)" ;;
     esac
 done
 selected() {
@@ -362,6 +370,7 @@ if [[ -n "${JL_PGDATA:-}" && "${JL_KEEP:-}" != 1 ]]; then
 fi
 
 selected tap && run_scripts
+selected fuzz && { run_tap "fuzz test/fuzz/run.sh" prove --verbose --merge test/fuzz/run.sh || true; }
 selected memcheck && run_memcheck
 
 summary
