@@ -26,11 +26,7 @@ PG_FUNCTION_INFO_V1(jobloop_set_tenant_limit);
 static void
 require_admin(const char *what)
 {
-	if (!is_jobloop_admin(GetUserId()))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to %s", what),
-				 errhint("Only superusers and members of jobloop_admin may change limits.")));
+	require_jobloop_admin(what, "change limits");
 }
 
 static char *

@@ -115,6 +115,17 @@ is_jobloop_admin(Oid role)
 	return superuser_arg(role) || (OidIsValid(admin) && has_privs_of_role(role, admin));
 }
 
+/* "permission denied to <what>", unless the current user is an admin (who may <may>). */
+void
+require_jobloop_admin(const char *what, const char *may)
+{
+	if (!is_jobloop_admin(GetUserId()))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to %s", what),
+				 errhint("Only superusers and members of jobloop_admin may %s.", may)));
+}
+
 void
 require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
 {
@@ -640,6 +651,30 @@ jobloop_submit(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(id);
 }
 
+/*
+ * Lock job id with sql (whose first column is the job's owner) for a change
+ * by caller: the owner, a role with its privileges, or an admin.  A job the
+ * caller may not see does not exist, as far as the caller can tell.  The
+ * row is in SPI_tuptable.
+ */
+static void
+lock_job_for_caller(SPIPlanPtr *plan, const char *sql, int64 id, Oid caller)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(id)};
+	bool		isnull;
+
+	store_run_plan(plan, sql, 1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0 ||
+		!(has_privs_of_role(caller,
+							DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+														   SPI_tuptable->tupdesc, 1, &isnull))) ||
+		  is_jobloop_admin(caller)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("job " INT64_FORMAT " does not exist", id)));
+}
+
 Datum
 jobloop_cancel(PG_FUNCTION_ARGS)
 {
@@ -668,17 +703,10 @@ jobloop_cancel(PG_FUNCTION_ARGS)
 	values[0] = Int64GetDatum(id);
 
 	enter_owner_context(&cxt);
-	store_run_plan(&lock_plan,
-			 "SELECT owner::oid, status, worker, step, tenant, kind FROM jobloop.job WHERE id = $1 FOR NO KEY UPDATE",
-			 1, types, values, NULL, SPI_OK_SELECT);
-	if (SPI_processed == 0 ||
-		!(has_privs_of_role(caller,
-							DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-														   SPI_tuptable->tupdesc, 1, &isnull))) ||
-		  is_jobloop_admin(caller)))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("job " INT64_FORMAT " does not exist", id)));
+	lock_job_for_caller(&lock_plan,
+						"SELECT owner::oid, status, worker, step, tenant, kind FROM jobloop.job"
+						" WHERE id = $1 FOR NO KEY UPDATE",
+						id, caller);
 
 	row = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -745,17 +773,10 @@ jobloop_retry(PG_FUNCTION_ARGS)
 	values[0] = Int64GetDatum(id);
 
 	enter_owner_context(&cxt);
-	store_run_plan(&lock_plan,
-			 "SELECT owner::oid, status, step, tenant, kind FROM jobloop.job WHERE id = $1 FOR NO KEY UPDATE",
-			 1, types, values, NULL, SPI_OK_SELECT);
-	if (SPI_processed == 0 ||
-		!(has_privs_of_role(caller,
-							DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-														   SPI_tuptable->tupdesc, 1, &isnull))) ||
-		  is_jobloop_admin(caller)))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("job " INT64_FORMAT " does not exist", id)));
+	lock_job_for_caller(&lock_plan,
+						"SELECT owner::oid, status, step, tenant, kind FROM jobloop.job"
+						" WHERE id = $1 FOR NO KEY UPDATE",
+						id, caller);
 
 	old = MemoryContextSwitchTo(CurTransactionContext);
 	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);

@@ -280,6 +280,7 @@ typedef struct OwnerContext
 extern void enter_owner_context(OwnerContext *cxt);
 extern void leave_owner_context(OwnerContext *cxt);
 extern bool is_jobloop_admin(Oid role);
+extern void require_jobloop_admin(const char *what, const char *may);
 extern void require_primary(const char *what);
 extern void require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 extern void wake_workers_at_commit(void);

@@ -56,11 +56,7 @@ pause_table_oid(void)
 static void
 require_admin(const char *what)
 {
-	if (!is_jobloop_admin(GetUserId()))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to %s", what),
-				 errhint("Only superusers and members of jobloop_admin may pause and resume jobs.")));
+	require_jobloop_admin(what, "pause and resume jobs");
 }
 
 /* The workers reload the pauses at their next transaction; wake idle ones. */
