@@ -40,3 +40,12 @@ include $(PGXS)
 # them all when it changes.  (PGXS tracks no header dependencies; a stale object built
 # against an older WorkerSlot once wrote into the next slot's spinlock.)
 $(OBJS) $(OBJS:.o=.bc): src/jobloop.h src/compat.h
+
+# make dist: the PGXN release archive, jobloop-<version>.zip, of the committed tree (HEAD;
+# commit first), its version the control file's default_version.  test/package/dist.sh
+# checks that META.json validates and agrees with jobloop.control and sql/.
+EXTVERSION = $(shell sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" $(EXTENSION).control)
+.PHONY: dist
+dist:
+	git archive --format=zip --prefix=$(EXTENSION)-$(EXTVERSION)/ -o $(EXTENSION)-$(EXTVERSION).zip HEAD
+	@echo "$(EXTENSION)-$(EXTVERSION).zip"

@@ -34,13 +34,18 @@
 #                    per distinct ASan report or crash (a process that died of a signal
 #                    other than the suites' kill -9); after the first findings the rest
 #                    is skipped
+#        package     test/package/package.sh: the Debian package postgresql-N-jobloop built
+#                    with pg_buildext (debian/), installed with apt in place of `make
+#                    install`'s files, and a job loop run from it (about 30 s); natively
+#                    also test/package/dist.sh: META.json against PGXN's spec and
+#                    jobloop.control, and `make dist`
 #   4. ends with one line, "N passed, N failed", counting each pg_regress and isolation
 #      test and each TAP assertion, after naming the suites that failed.
 #
 # Exit status: 0 only if nothing failed and at least one test ran.
 # Usage:  scripts/run-tests.sh            everything
 #         scripts/run-tests.sh SUITE...   only those suites: regress isolation pgtap tap
-#                                         fuzz memcheck
+#                                         fuzz memcheck package
 # Env:    JL_PG_VERSIONS="15 17 18" the PostgreSQL versions to run (scripts/matrix.sh).
 #         JL_KEEP=1 leaves the cluster and the mock running afterwards (see lib.sh).
 
@@ -56,13 +61,13 @@ SELECTED=("$@")
 # The fuzz targets test code that does not depend on PostgreSQL (allowlist.c, headers.c):
 # they run once, natively, not again in each version's chroot.
 if (( ${#SELECTED[@]} == 0 )); then
-    SELECTED=(regress isolation pgtap tap memcheck)
+    SELECTED=(regress isolation pgtap tap memcheck package)
     [[ -n "${JL_IN_CHROOT:-}" ]] || SELECTED+=(fuzz)
 fi
 for s in "${SELECTED[@]}"; do
     case $s in
-        regress|isolation|pgtap|tap|memcheck|fuzz) ;;
-        *) jl_die "unknown suite '$s' (regress, isolation, pgtap, tap, memcheck, fuzz)" ;;
+        regress|isolation|pgtap|tap|memcheck|fuzz|package) ;;
+        *) jl_die "unknown suite '$s' (regress, isolation, pgtap, tap, memcheck, fuzz, package)" ;;
     esac
 done
 selected() {
@@ -372,5 +377,11 @@ fi
 selected tap && run_scripts
 selected fuzz && { run_tap "fuzz test/fuzz/run.sh" prove --verbose --merge test/fuzz/run.sh || true; }
 selected memcheck && run_memcheck
+if selected package; then
+    run_tap "package test/package/package.sh" prove --verbose --merge test/package/package.sh || true
+    # make dist archives the git checkout, which a version's chroot does not get.
+    [[ -n "${JL_IN_CHROOT:-}" ]] \
+        || run_tap "package test/package/dist.sh" prove --verbose --merge test/package/dist.sh || true
+fi
 
 summary
