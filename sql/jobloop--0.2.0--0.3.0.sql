@@ -136,7 +136,10 @@ CREATE OR REPLACE VIEW jobloop.jobs WITH (security_invoker = true) AS
            j.started_at, j.finished_at, j.run_after, j.worker,
            j.lease_expires_at, j.request AS next_request, j.unique_key,
            (j.status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running'])
-            AND jobloop.is_paused(j.kind, j.tenant)) AS paused
+            AND EXISTS (SELECT FROM jobloop.pause p
+                         WHERE (p.kind IS NULL OR p.kind OPERATOR(pg_catalog.=) j.kind)
+                           AND (p.tenant IS NULL
+                                OR p.tenant OPERATOR(pg_catalog.=) COALESCE(j.tenant, '')))) AS paused
       FROM jobloop.job j;
 
 CREATE OR REPLACE VIEW jobloop.stats WITH (security_invoker = true) AS
@@ -150,7 +153,10 @@ CREATE OR REPLACE VIEW jobloop.stats WITH (security_invoker = true) AS
            (SELECT pg_catalog.count(*) FROM jobloop.job j
              WHERE EXISTS (SELECT FROM jobloop.pause)
                AND j.status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running'])
-               AND jobloop.is_paused(j.kind, j.tenant)) AS paused
+               AND EXISTS (SELECT FROM jobloop.pause p
+                            WHERE (p.kind IS NULL OR p.kind OPERATOR(pg_catalog.=) j.kind)
+                              AND (p.tenant IS NULL
+                                   OR p.tenant OPERATOR(pg_catalog.=) COALESCE(j.tenant, '')))) AS paused
       FROM (SELECT pg_catalog.count(*) AS workers,
                    COALESCE(pg_catalog.sum(s.held), 0) AS held,
                    COALESCE(pg_catalog.sum(s.in_flight), 0) AS in_flight,

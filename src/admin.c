@@ -26,6 +26,7 @@ PG_FUNCTION_INFO_V1(jobloop_set_tenant_limit);
 static void
 require_admin(const char *what)
 {
+	require_primary(what);
 	require_jobloop_admin(what, "change limits");
 }
 

@@ -269,8 +269,9 @@ classify_v4(const unsigned char *a)
 }
 
 /*
- * Forms that embed an IPv4 address (mapped, compatible, NAT64 and its
- * local-use prefix 64:ff9b:1::/48, 6to4) are judged by that address.
+ * Forms that embed an IPv4 address (mapped, compatible, NAT64, 6to4) are
+ * judged by that address; NAT64's local-use prefix, whose IPv4 address may
+ * sit at several offsets, is not public as a whole.
  */
 static const char *
 classify_v6(const unsigned char *a, const unsigned char **v4)
@@ -282,8 +283,13 @@ classify_v6(const unsigned char *a, const unsigned char **v4)
 
 	if (memcmp(a, zero, 15) == 0 && (a[15] == 0 || a[15] == 1))
 		return a[15] == 0 ? "unspecified" : "loopback";
-	if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0 || memcmp(a, nat64, 12) == 0 ||
-		memcmp(a, nat64_local, 6) == 0)
+	/*
+	 * 64:ff9b:1::/48 may embed its IPv4 address at any RFC 6052 offset: judge
+	 * the whole prefix as not public (list it, or its addresses, to allow).
+	 */
+	if (memcmp(a, nat64_local, 6) == 0)
+		return "NAT64 local-use";
+	if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0 || memcmp(a, nat64, 12) == 0)
 		*v4 = a + 12;
 	else if (a[0] == 0x20 && a[1] == 0x02)
 		*v4 = a + 2;

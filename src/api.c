@@ -343,6 +343,7 @@ jobloop_create_kind(PG_FUNCTION_ARGS)
 	OwnerContext cxt;
 	Oid			existing_owner;
 
+	require_primary("create job kinds");
 	for (int i = 1; i < 11; i++)
 		if (i != 3 && i != 8)
 			require_arg(fcinfo, i, i == 1 ? "request function" : i == 2 ? "step function" :
@@ -440,6 +441,7 @@ jobloop_drop_kind(PG_FUNCTION_ARGS)
 	bool		isnull;
 	int64		unfinished;
 
+	require_primary("drop job kinds");
 	enter_owner_context(&cxt);
 	owner = lock_kind(name);
 	if (!OidIsValid(owner))

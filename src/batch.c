@@ -219,6 +219,13 @@ retry_deferred(void)
 
 		if (held_find(job->id) != job || d == NULL)
 			continue;			/* dropped meanwhile (a cancel) */
+		/* a pause that began meanwhile: go back to the table instead of sending */
+		if (d->after == AFTER_SEND && pause_covers(job->kind_name, job->tenant))
+		{
+			d->after = AFTER_DROP;
+			d->update.release = true;
+			d->update.run_after = Max(d->not_before, GetCurrentTimestamp());
+		}
 		p = add_pending(job, d->after, d->not_before);
 		p->notify_status = d->notify_status;
 		p->update = nupdates;
@@ -427,6 +434,7 @@ advance_isolated(Advance *a)
 	{
 		ErrorData  *edata;
 
+		logic_stop_timers();	/* before anything else: a late cancel must not hit the batch */
 		MemoryContextSwitchTo(batch_cxt);
 		edata = CopyErrorData();
 		FlushErrorState();
@@ -679,7 +687,8 @@ claim(TimestampTz now)
 		TimestampTz next = store_next_runnable();
 		TimestampTz idle = now + IDLE_CLAIM_INTERVAL_MS * INT64CONST(1000);
 
-		batch_next_claim_at = (next == 0 || next > idle) ? idle :
+		/* the next runnable job may be a paused one: then poll at the idle pace */
+		batch_next_claim_at = (next == 0 || next > idle || pause_any()) ? idle :
 			Max(next, now + 50 * INT64CONST(1000));
 	}
 }
@@ -739,6 +748,7 @@ let_go_of_paused(TimestampTz now)
 		if ((job->phase != HELD_WAITING && job->phase != HELD_BLOCKED) || job->deferred ||
 			!pause_covers(job->kind_name, job->tenant))
 			continue;
+		held_unschedule(job);	/* settled here now, not sent */
 		p = add_pending(job, AFTER_DROP, 0);
 		u = add_update(p, "running");
 		u->release = true;

@@ -184,6 +184,24 @@ held_add(ClaimedJob *c)
 	return job;
 }
 
+/*
+ * Take a waiting or blocked job out of its heap or queue (HELD_IDLE), for a
+ * batch that is about to settle it otherwise (a pause lets go of it).
+ */
+void
+held_unschedule(HeldJob *job)
+{
+	if (job->phase == HELD_WAITING || job->phase == HELD_BLOCKED)
+		forget_transfer_and_wait(job);
+}
+
+/* Forget the jobs queued for release (DROP EXTENSION: their ids may be reused). */
+void
+held_forget_releases(void)
+{
+	nto_release = 0;
+}
+
 HeldJob *
 held_find(int64 id)
 {

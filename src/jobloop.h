@@ -89,7 +89,7 @@ typedef struct WorkerSlot
 	int32		overrun_step;	/* ... at this step */
 	Oid			overrun_fn;
 	bool		connect_failed; /* its last start found no database to connect to */
-	bool		started;		/* a worker started in this slot since the server did */
+	Oid			start_paused_ext;	/* the extension jobloop.start_paused paused */
 } WorkerSlot;
 
 typedef struct JobloopShared
@@ -216,6 +216,7 @@ extern void logic_begin_job(int64 job_id, int32 step);
 extern char *logic_failure_text(ErrorData *edata);
 extern char *logic_take_overrun(int64 *job_id, int32 *step);
 extern void logic_end_job(bool aborted);
+extern void logic_stop_timers(void);
 extern bool logic_call_running(void);
 
 /* ---- store.c: every statement the worker runs ---- */
@@ -292,6 +293,7 @@ extern void notify_job(int64 id, const char *status, int32 step, const char *ten
 extern void pause_init_worker(void);
 extern bool pause_sync(void);
 extern bool pause_covers(const char *kind, const char *tenant);
+extern bool pause_any(void);
 extern void pause_at_start(const char *database);
 
 /* ---- held.c: the jobs a worker holds, in memory ---- */
@@ -337,6 +339,8 @@ extern void held_init(int worker);
 extern HeldJob *held_add(ClaimedJob *claimed);
 extern HeldJob *held_find(int64 id);
 extern void held_drop(HeldJob *job);
+extern void held_unschedule(HeldJob *job);
+extern void held_forget_releases(void);
 extern int	held_count(void);
 extern void held_set_state(HeldJob *job, Jsonb *state);
 extern void held_set_request(HeldJob *job, Jsonb *request_json, HttpRequest *request);

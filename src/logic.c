@@ -279,6 +279,16 @@ begin_call(Kind *kind, Oid fn, Oid owner, const char *what)
 	}
 }
 
+/* In a job's error path, first thing: no timer may fire into what follows. */
+void
+logic_stop_timers(void)
+{
+	disable_call_timeouts();
+	current.running = false;
+	if (cancel_fired)
+		QueryCancelPending = false;
+}
+
 static void
 end_call(void)
 {

@@ -56,6 +56,7 @@ pause_table_oid(void)
 static void
 require_admin(const char *what)
 {
+	require_primary(what);
 	require_jobloop_admin(what, "pause and resume jobs");
 }
 
@@ -88,7 +89,6 @@ jobloop_pause(PG_FUNCTION_ARGS)
 	OwnerContext cxt;
 	bool		added;
 
-	require_primary("pause jobs");
 	require_admin("pause jobs");
 	pause_args(fcinfo, values, nulls);
 	enter_owner_context(&cxt);
@@ -117,7 +117,6 @@ jobloop_resume(PG_FUNCTION_ARGS)
 	OwnerContext cxt;
 	int			removed;
 
-	require_primary("resume jobs");
 	require_admin("resume jobs");
 	pause_args(fcinfo, values, nulls);
 	enter_owner_context(&cxt);
@@ -136,7 +135,8 @@ jobloop_resume(PG_FUNCTION_ARGS)
 static void
 pause_relcache_callback(Datum arg, Oid relid)
 {
-	if (relid == InvalidOid || relid == pause_table)
+	/* no table yet (a schema before 0.3.0): ALTER EXTENSION UPDATE may make one */
+	if (relid == InvalidOid || relid == pause_table || !OidIsValid(pause_table))
 		pauses_stale = true;
 }
 
@@ -179,6 +179,13 @@ pause_sync(void)
 	}
 	npauses = (int) SPI_processed;
 	return true;
+}
+
+/* Is anything paused? */
+bool
+pause_any(void)
+{
+	return npauses > 0;
 }
 
 /* Is a job of this kind and tenant (NULL: none) paused? */

@@ -88,8 +88,8 @@ store_extension_state(bool lock)
 		 * look-up below (after the lock's cache invalidation) sees it gone.
 		 */
 		LockDatabaseObject(ExtensionRelationId, ext, 0, AccessShareLock);
-		if (!OidIsValid(get_extension_oid("jobloop", true)))
-			return EXTENSION_MISSING;
+		if (get_extension_oid("jobloop", true) != ext)
+			return EXTENSION_MISSING;	/* dropped (and perhaps created again) */
 	}
 	schema = get_namespace_oid("jobloop", true);
 	job = OidIsValid(schema) ? get_relname_relid("job", schema) : InvalidOid;
@@ -591,9 +591,8 @@ store_reap_expired(int64 *held_ids, int nheld)
 
 	values[0] = Int32GetDatum(my_worker);
 	values[1] = id_array(held_ids, nheld);
-	/* never "no sibling": that would free every peer's jobs */
-	values[2] = nsibling_workers > 0 ? worker_array(sibling_workers, nsibling_workers) :
-		worker_array(&my_worker, 1);
+	/* siblings unknown (cannot happen after store_release_all): free no peer's jobs */
+	values[2] = nsibling_workers > 0 ? worker_array(sibling_workers, nsibling_workers) : (Datum) 0;
 
 	store_run_plan(&plan,
 				   "UPDATE jobloop.job SET worker = NULL, lease_expires_at = NULL"
@@ -602,7 +601,7 @@ store_reap_expired(int64 *held_ids, int nheld)
 				   "     AND (lease_expires_at < now() OR worker = $1 OR worker <> ALL ($3))"
 				   "     AND NOT (worker = $1 AND id = ANY ($2))"
 				   "   FOR NO KEY UPDATE SKIP LOCKED)",
-				   3, types, values, NULL, SPI_OK_UPDATE);
+				   3, types, values, nsibling_workers > 0 ? NULL : "  n", SPI_OK_UPDATE);
 	if (SPI_processed > 0)
 		elog(LOG, "jobloop worker %d freed " UINT64_FORMAT " jobs that no live worker holds",
 			 my_worker, SPI_processed);

@@ -20,6 +20,7 @@
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "commands/dbcommands.h"
+#include "commands/extension.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
@@ -95,10 +96,42 @@ release_all(void *arg)
 
 	if (reason)
 		store_fail_job(overrun_job, overrun_step, reason);
-	if (jobloop_start_paused && !shared_slot(my_worker)->started)
-		pause_at_start(my_database);
-	shared_slot(my_worker)->started = true;
+
+	/*
+	 * jobloop.start_paused: pause each incarnation of the extension in our
+	 * database once per server start -- by whichever of its workers comes
+	 * first; marked in every sibling's slot once committed (release_all's
+	 * caller), so a sibling starting after a resume() does not pause again.
+	 */
+	*(Oid *) arg = InvalidOid;
+	if (jobloop_start_paused)
+	{
+		Oid			ext = get_extension_oid("jobloop", true);
+
+		if (OidIsValid(ext) && shared_slot(my_worker)->start_paused_ext != ext)
+		{
+			pause_at_start(my_database);
+			*(Oid *) arg = ext;
+		}
+	}
 	store_release_all(siblings, n);
+}
+
+/* Release our predecessor's jobs (and more: see release_all) in a transaction of its own. */
+static void
+release_all_at_start(void)
+{
+	Oid			paused_ext;
+
+	in_transaction(release_all, &paused_ext);
+	if (OidIsValid(paused_ext))
+	{
+		int			siblings[JOBLOOP_MAX_WORKERS];
+		int			n = shared_database_workers(my_database, siblings, JOBLOOP_MAX_WORKERS);
+
+		for (int i = 0; i < n; i++)
+			shared_slot(siblings[i])->start_paused_ext = paused_ext;
+	}
 }
 
 static void
@@ -244,9 +277,10 @@ start_over(void)
 		while (shared_take_cancels(my_worker, ids, lengthof(ids), &overflow) > 0)
 			;
 	}
+	held_forget_releases();
 	kinds_invalidate();
 	wait_for_extension();
-	in_transaction(release_all, NULL);
+	release_all_at_start();
 	batch_claim_wanted = true;
 }
 
@@ -439,7 +473,7 @@ jobloop_worker_main(Datum main_arg)
 	AddWaitEventToSet(events, WL_SOCKET_READABLE, http_epoll_fd(), NULL, NULL);
 
 	/* whatever our predecessor held is ours to redo, now */
-	in_transaction(release_all, NULL);
+	release_all_at_start();
 	elog(LOG, "jobloop worker %d started in database \"%s\"", my_worker, my_database);
 
 	/*

@@ -13,6 +13,8 @@
 #             pausing lost and repeated nothing
 #   scoped    a pause of one tenant holds only that tenant's jobs, one of a kind only
 #             that kind's
+#   cancels   pausing a kind and cancelling its 600 waiting jobs in one transaction (the
+#             cancel queues overflow): every job let go, no worker dies
 #   start     with jobloop.start_paused = on, a restarted server's database starts
 #             paused: submitted jobs stay pending until resume()
 #
@@ -33,7 +35,7 @@ requests() { grep -cE '"jobloop-[0-9a-f-]{36}-[0-9]+"' "$JL_MOCK_LOG" || true; }
 
 jl_cluster_start "jobloop.workers = 2" >&2 || tap_bail "could not start a cluster"
 jl_mock_start >&2 || tap_bail "could not start the mock API"
-tap_plan 14
+tap_plan 17
 
 jl_psql >/dev/null <<SQL || tap_bail "setup failed"
 CREATE EXTENSION jobloop;
@@ -96,6 +98,35 @@ jl_wait_for 30 a_done || true
 tap_is "$(q "SELECT string_agg(status || ':' || step, ' ' ORDER BY id) FROM jobloop.job WHERE id IN ($a, $b, $c)")" \
     "completed:6 pending:0 pending:0" \
     "with tenant shop-1 and kind ps_other paused, only the other job ran"
+q "SELECT jobloop.resume()" >/dev/null
+
+# ---- pause and cancel together ----------------------------------------------------------
+# 600 jobs waiting 8 s in the workers' memory between steps; one transaction pauses their
+# kind and cancels them all, which overflows the workers' cancel queues (256), so each
+# rescans what it holds in the batch that also lets go of the paused jobs.
+jl_psql >/dev/null <<SQL || tap_bail "could not create kind ps_wait"
+CREATE FUNCTION ps.req_wait(s jsonb) RETURNS jsonb LANGUAGE sql RETURN jsonb_build_object(
+    'url', '$JL_MOCK_URL/json?n=' || coalesce(s->>'n', '0'),
+    'delay_ms', CASE WHEN s ? 'n' THEN 8000 ELSE 0 END);
+SELECT jobloop.create_kind('ps_wait', 'ps.req_wait(jsonb)', 'ps.step(jsonb,jsonb)', 'ps.done(jsonb)');
+SQL
+q "SELECT count(jobloop.submit('ps_wait', '{}', 'shop-w')) FROM generate_series(1, 600)" >/dev/null
+waiting() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE kind = 'ps_wait' AND step = 1 AND worker IS NOT NULL")" == 600 ]]; }
+jl_wait_for 60 waiting || tap_bail "the 600 jobs did not reach their wait"
+pids_before=$(q "SELECT string_agg(pid::text, ' ' ORDER BY pid) FROM pg_stat_activity WHERE backend_type = 'jobloop worker'")
+jl_psql >/dev/null <<'SQL'
+BEGIN;
+SELECT jobloop.pause(kind => 'ps_wait');
+SELECT count(jobloop.cancel(id)) FROM jobloop.job WHERE kind = 'ps_wait' AND status = 'running';
+COMMIT;
+SQL
+released() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE kind = 'ps_wait' AND worker IS NOT NULL")" == 0 ]]; }
+rc=0
+jl_wait_for 30 released || rc=$?
+tap_ok $rc "pausing a kind and cancelling its 600 waiting jobs in one transaction: all let go"
+tap_is "$(q "SELECT string_agg(pid::text, ' ' ORDER BY pid) FROM pg_stat_activity WHERE backend_type = 'jobloop worker'")" \
+    "$pids_before" "... and both workers are the same processes (none died)"
+tap_is "$(grep -c 'terminated by signal' "$JL_PGLOG" || true)" "0" "... no process died by a signal"
 q "SELECT jobloop.resume()" >/dev/null
 
 # ---- start_paused -----------------------------------------------------------------------
