@@ -171,3 +171,8 @@ CREATE OR REPLACE VIEW jobloop.stats WITH (security_invoker = true) AS
 -- pg_dump by a non-superuser member of jobloop_admin (a database owner, say, with
 -- --enable-row-security) reads the id sequence with the rows.
 GRANT SELECT ON SEQUENCE jobloop.job_id_seq TO jobloop_admin;
+
+-- Jobs retrying right now (running with a last_error): what a dashboard polls; a
+-- small index however many jobs have finished.
+CREATE INDEX job_retrying_idx ON jobloop.job (id)
+    WHERE status OPERATOR(pg_catalog.=) 'running' AND last_error IS NOT NULL;
