@@ -83,11 +83,13 @@ JL_PGBIN=/usr/lib/postgresql/$JL_PG_VERSION/bin
 export JL_PGBIN
 
 # Packages a fresh Debian needs to build, test and demo jobloop (iproute2 and procps: the
-# suites' ss and pgrep; a minimal system lacks them).
+# suites' ss and pgrep; a minimal system lacks them; debhelper, dpkg-dev and
+# postgresql-server-dev-all (pg_buildext): the package suite's Debian package build).
 JL_DEPS=("postgresql-$JL_PG_VERSION" "postgresql-server-dev-$JL_PG_VERSION"
          "postgresql-$JL_PG_VERSION-pgtap"
          libtap-parser-sourcehandler-pgtap-perl libcurl4-openssl-dev
-         nginx libnginx-mod-http-echo build-essential curl iproute2 procps)
+         nginx libnginx-mod-http-echo build-essential curl iproute2 procps
+         debhelper dpkg-dev postgresql-server-dev-all)
 
 # The versions the test command runs by default (JL_PG_VERSIONS overrides): each on the
 # Debian release that ships it, natively or in a chroot (scripts/matrix.sh).

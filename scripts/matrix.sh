@@ -128,12 +128,18 @@ chroot_ready() {
     local v=$1 codename root pkgs dir
     codename=$(codename_for "$v") || { jl_log "no Debian release ships PostgreSQL $v"; return 1; }
     root=$JL_CHROOT_DIR/$codename
-    # A chroot a run left unfinished (killed during debootstrap) is made again.
+    mapfile -t pkgs < <(JL_PG_VERSION=$v bash -c '. scripts/lib.sh && printf "%s\n" "${JL_DEPS[@]}"')
+    (( ${#pkgs[@]} > 0 )) || { jl_log "no package list for PostgreSQL $v"; return 1; }
+    # A chroot a run left unfinished (killed during debootstrap) is made again, and so is
+    # one made without a package JL_DEPS now names: apt-get update may not work in there
+    # (a sid mirror's Release file expires within days), debootstrap's --include does.
     for dir in "$root.partial" "$root"; do
         [[ -d "$dir" ]] || continue
-        [[ "$dir" == "$root" && -f "$root/.jobloop-chroot" ]] && continue
+        [[ "$dir" == "$root" && -f "$root/.jobloop-chroot" ]] \
+            && [[ -z "$(printf '%s\n' "${pkgs[@]}" | grep -vxFf "$root/.jobloop-chroot")" ]] \
+            && continue
         chroot_umount "$dir" || { jl_log "$dir is still mounted; not removing it"; return 1; }
-        jl_log "removing the incomplete chroot $dir"
+        jl_log "removing the incomplete or outdated chroot $dir"
         rm -rf --one-file-system -- "$dir" || return 1
     done
     if [[ ! -d "$root" ]]; then
@@ -144,8 +150,6 @@ chroot_ready() {
                        --no-install-recommends debootstrap </dev/null; } >&2 \
                 || { jl_log "could not install debootstrap"; return 1; }
         fi
-        mapfile -t pkgs < <(JL_PG_VERSION=$v bash -c '. scripts/lib.sh && printf "%s\n" "${JL_DEPS[@]}"')
-        (( ${#pkgs[@]} > 0 )) || { jl_log "no package list for PostgreSQL $v"; return 1; }
         chroot_create "$root" "$codename" "${pkgs[@]}" >&2 || return 1
     fi
     echo "$root"
