@@ -46,7 +46,7 @@
 #
 # Environment (all optional):
 #   BENCH_SCALE_ROWS="0 1000000 5000000"  sizes, ascending (the table is filled up to each)
-#   SCALE_STATES="stale prequeue fresh"
+#   SCALE_STATES="stale prequeue fresh"   ("none": only fill, then the experiments)
 #   SCALE_JOBS=20000  SCALE_TENANTS=100  SCALE_K=5  SCALE_L=0.01 (0: the mock's /json)
 #   SCALE_DAYS=7            finished_at spread over this many days
 #   SCALE_RUNS=2            bursts per size and state (steps/s: their mean, and each)
@@ -108,7 +108,22 @@ jl_cluster_start "${settings[@]}"
 jl_mock_start
 
 calc() { awk "BEGIN { print $1 }"; }
-q() { jl_psql -At "$@"; }
+# psql -At; a statement that fails because the library is being reinstalled at that moment
+# (`make install` by someone else: "could not access file "$libdir/jobloop"") is retried.
+q() {
+    local i err
+    for (( i = 0; i < 20; i++ )); do
+        if err=$(jl_psql -At "$@" 2>"$OUT/.qerr"); then
+            [[ -n "$err" ]] && printf '%s\n' "$err"
+            return 0
+        fi
+        grep -q 'could not access file "\$libdir/jobloop"\|could not load library' "$OUT/.qerr" || break
+        jl_log "the jobloop library is being reinstalled; retrying"
+        sleep 1
+    done
+    cat "$OUT/.qerr" >&2
+    return 1
+}
 
 q -c "CREATE EXTENSION jobloop" -c "CREATE EXTENSION pg_stat_statements" >/dev/null
 jl_psql -v lang=plpgsql -f "$BENCH/kind.sql" >/dev/null
@@ -224,7 +239,7 @@ time_monitoring() {
         /^==== / { name = $2; next }
         /^Time: / { print name, $2 }' | sort -k1,1 -k2,2n | awk '
         { t[$1] = t[$1] " " $2; c[$1]++ }
-        END { for (n in t) { split(t[n], a, " "); print n, a[int((c[n] + 1) / 2)] } }' >"$out"
+        END { for (n in t) { split(t[n], a, " "); print n, a[int((c[n] + 1) / 2)] } }' >"$out" || true
 }
 
 explain_monitoring() {
@@ -246,14 +261,46 @@ sizes() {
     q -F ' ' -c "SELECT pg_table_size('jobloop.job') / 1048576, pg_indexes_size('jobloop.job') / 1048576"
 }
 
-# The claim plans auto_explain logged from byte offset $1 of the server log.
+# The claim plans auto_explain logged from byte offset $1 of the server log: one line per
+# slow claim (its duration, the plan's estimated cost, the index its tenant walk used with
+# its row estimate, and whether JIT compiled it -- above jit_above_cost it does, at every
+# execution),
+# then the first two plans and the slowest in full.
 auto_explain_claims() {
     tail -c +$(( $1 + 1 )) "$JL_PGLOG" | awk '
-        /^[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] / { if (buf != "" && buf ~ /WITH RECURSIVE tenants/) { n++; if (n <= 2) print buf }
-                                         buf = ""; if ($0 ~ /duration: .* plan:/) buf = $0; next }
+        function flush() {
+            if (buf != "" && buf ~ /WITH RECURSIVE tenants/) {
+                n++
+                match(buf, /duration: [0-9.]+ ms/); d = substr(buf, RSTART + 10, RLENGTH - 13) + 0
+                walk = "?"
+                if (match(buf, /Index (Only )?Scan using [a-z_]+ on job  \(cost=[0-9.]+ rows=[0-9]+/) ||
+                    match(buf, /Index (Only )?Scan using [a-z_]+ on job  \(cost=[0-9.]+\.\.[0-9.]+ rows=[0-9]+/))
+                    walk = substr(buf, RSTART, RLENGTH)
+                sub(/ on job  \(cost=[0-9.]+(\.\.[0-9.]+)? /, " ", walk); sub(/Index (Only )?Scan using /, "", walk)
+                cost = "?"
+                if (match(buf, /Update on job j  \(cost=[0-9.]+\.\.[0-9.]+/)) {
+                    cost = substr(buf, RSTART, RLENGTH); sub(/.*\.\./, "", cost)
+                }
+                jit = (buf ~ /JIT:/ ? ", JIT compiled" : "")
+                line[n] = sprintf("%10.1f ms  plan cost %10s  tenant walk: %s%s", d, cost, walk, jit)
+                count[walk jit]++
+                if (n <= 2) first[n] = buf
+                if (d > maxd) { maxd = d; slowest = buf }
+            }
+            buf = ""
+        }
+        /^[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] / { flush(); if ($0 ~ /duration: .* plan:/) buf = $0; next }
         buf != "" { buf = buf "\n" $0 }
-        END { if (buf ~ /WITH RECURSIVE tenants/) { n++; if (n <= 2) print buf }
-              print "==== claims logged by auto_explain (slower than the threshold): " n + 0 }'
+        END {
+            flush()
+            print "==== slow claims by the index of the tenant walk (and its row estimate), and whether JIT compiled the plan:"
+            for (w in count) printf "%6d  %s\n", count[w], w
+            print "==== each slow claim, in order:"
+            for (i = 1; i <= n; i++) print line[i]
+            for (i = 1; i <= 2 && i <= n; i++) { print "==== slow claim " i ":"; print first[i] }
+            if (n > 0) { print "==== the slowest:"; print slowest }
+            print "==== claims logged by auto_explain (slower than the threshold): " n + 0
+        }'
 }
 
 csv=$OUT/scale.csv
@@ -274,11 +321,9 @@ run_burst() {
         # the state of the statistics, made anew for each run
         [[ "$state" == prequeue ]] && q -c "VACUUM ANALYZE jobloop.job" >/dev/null
         q -c "SELECT jobloop.pause()" >/dev/null
-        q -v n="$SCALE_JOBS" -v k="$SCALE_K" -v url="$url" -v tenants="$SCALE_TENANTS" >/dev/null <<'SQL'
-SELECT count(jobloop.submit('bench', jsonb_build_object('url', :'url', 'n', 0, 'k', :k, 'until', 4102444800),
-                            'tenant-' || lpad((g % :tenants)::text, 4, '0')))
-  FROM generate_series(1, :n) AS g;
-SQL
+        q -c "SELECT count(jobloop.submit('bench', jsonb_build_object('url', '$url', 'n', 0, 'k', $SCALE_K, 'until', 4102444800),
+                                          'tenant-' || lpad((g % $SCALE_TENANTS)::text, 4, '0')))
+                FROM generate_series(1, $SCALE_JOBS) AS g" >/dev/null
         [[ "$state" == fresh ]] && q -c "VACUUM ANALYZE jobloop.job" >/dev/null
         if (( run == 1 )); then
             explain_claim "$dir/claim_explain.txt"
@@ -341,7 +386,9 @@ SQL
                               pg_relation_size(c.oid) / 8192 AS pages, c.reltuples::bigint AS reltuples
                          FROM pg_class c WHERE c.oid = 'jobloop.job'::regclass
                             OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'jobloop.job'::regclass)
-                         ORDER BY pg_relation_size(c.oid) DESC" >"$dir/sizes.txt"
+                         ORDER BY pg_relation_size(c.oid) DESC" \
+            -c "SELECT round(avg(pg_column_size(j.*))) AS avg_row_bytes, round(avg(pg_column_size(j.state))) AS avg_state_bytes
+                  FROM jobloop.job j TABLESAMPLE SYSTEM (5)" >"$dir/sizes.txt"
 
     time_monitoring "$dir/monitor_times.txt" ""
     time_monitoring "$dir/monitor_times_rls.txt" jl_monitor
@@ -373,6 +420,7 @@ for rows in $BENCH_SCALE_ROWS; do
     fi
     for state in $SCALE_STATES; do
         case $state in
+            none) continue ;;
             stale|prequeue|fresh) ;;
             *) jl_die "unknown state '$state'" ;;
         esac

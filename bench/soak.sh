@@ -165,7 +165,10 @@ SELECT (SELECT coalesce(sum(steps_per_second_10s), 0)::int FROM jobloop.worker_s
        coalesce(round(extract(epoch FROM now() - (SELECT min(finished_at) FROM jobloop.job
                                                    WHERE finished_at IS NOT NULL)))::int, 0),
        (SELECT coalesce(max(age(backend_xmin)), 0) FROM pg_stat_activity),
-       g.submitted, g.cancelled
+       g.submitted, g.cancelled,
+       (SELECT string_agg((pg_relation_size(i.indexrelid) / 1024)::text, ',' ORDER BY c.relname)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid = 'jobloop.job'::regclass)
   FROM pg_stat_user_tables s, pgstattuple('jobloop.job') p, soak.progress g,
        (SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
                count(*) FILTER (WHERE status = 'running') AS running,
@@ -173,7 +176,11 @@ SELECT (SELECT coalesce(sum(steps_per_second_10s), 0)::int FROM jobloop.worker_s
           FROM jobloop.job) c
  WHERE s.relid = 'jobloop.job'::regclass"
 SQL_COLS=steps_s,held,in_flight,claim_ms,commit_ms,table_kb,index_kb,n_live_tup,n_dead_tup,autovacuum_count,autoanalyze_count,pst_live,pst_dead,pst_free_pct,pending,running,finished,oldest_finished_s,max_xmin_age,submitted,cancelled
-SQL_BLANK=$(printf '%*s' 20 '' | tr ' ' ',')
+# and the size of each index of jobloop.job (kB), in the order of their names
+SQL_COLS+=$(jl_psql -At -c "SELECT string_agg(',idx_' || c.relname || '_kb', '' ORDER BY c.relname)
+                              FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                             WHERE i.indrelid = 'jobloop.job'::regclass")
+SQL_BLANK=$(printf '%*s' $(( $(tr -cd , <<<"$SQL_COLS" | wc -c) )) '' | tr ' ' ',')
 
 csv=$OUT/soak.csv
 header="t_s,epoch,kills,restarts,req_s,av_log,aa_log,load1,$SQL_COLS"
@@ -251,7 +258,7 @@ while :; do
         IFS=, read -r -a f <<<"$line"
         printf '  t=%5ss  %5s req/s  table+idx %6s kB  dead %7s (stats %7s)  finished %6s  w1 %6s kB %5s fds\n' \
             "${f[0]}" "${f[4]}" "$(( ${f[13]:-0} + ${f[14]:-0} ))" "${f[20]}" "${f[16]}" "${f[24]}" \
-            "${f[30]:-}" "${f[32]:-}" >&2
+            "${f[-3]:-}" "${f[-1]:-}" >&2
     fi
     sleep 1
 done
@@ -288,6 +295,7 @@ soak_trend() {
         v["n_dead_tup(stats)"] = val("n_dead_tup")
         v["finished_rows"] = val("finished")
         v["oldest_finished_s"] = val("oldest_finished_s")
+        for (c in col) if (c ~ /^idx_.*_kb$/) { x = val(c); v[c] = (x == "" ? "" : x / 1024) }
         for (k in v) {
             if (v[k] == "") continue
             names[k] = 1
@@ -308,6 +316,13 @@ soak_trend() {
             for (w = 0; w <= maxwin; w++) printf "%12s", (wn[k, w] ? sprintf("%.1f", ws[k, w] / wn[k, w]) : "-")
             d = n[k] * sxx[k] - sx[k] * sx[k]
             printf "%16s\n", (n[k] > 2 && d != 0 ? sprintf("%+.2f", 600 * (n[k] * sxy[k] - sx[k] * sy[k]) / d) : "-")
+        }
+        for (k in names) {
+            if (k !~ /^idx_/) continue
+            printf "%-26s", substr(k, 5, length(k) - 7) "_MB"
+            for (w = 0; w <= maxwin; w++) printf "%12s", (wn[k, w] ? sprintf("%.2f", ws[k, w] / wn[k, w]) : "-")
+            d = n[k] * sxx[k] - sx[k] * sx[k]
+            printf "%16s\n", (n[k] > 2 && d != 0 ? sprintf("%+.3f", 600 * (n[k] * sxy[k] - sx[k] * sy[k]) / d) : "-")
         }
     }' "$csv"
 }
