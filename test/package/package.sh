@@ -146,8 +146,8 @@ jl_wait_for 60 all_done || true
 tap_is "$(q "SELECT status || ' ' || count(*) || ' ' || min((state->>'n')::int) || '-' || max((state->>'n')::int)
              FROM jobloop.jobs GROUP BY status ORDER BY status")" "completed 20 3-3" \
     "20 jobs of 3 steps run by the package's workers complete"
-keys=$(grep -oE '"jobloop-[0-9a-f-]{36}-[0-9]+"' "$JL_MOCK_LOG" || true)
-tap_is "$(wc -l <<<"$keys" | tr -d ' ') $(sort -u <<<"$keys" | wc -l | tr -d ' ')" "60 60" \
+idem_keys=$(grep -oE '"jobloop-[0-9a-f-]{36}-[0-9]+"' "$JL_MOCK_LOG" || true)
+tap_is "$(wc -l <<<"$idem_keys" | tr -d ' ') $(sort -u <<<"$idem_keys" | wc -l | tr -d ' ')" "60 60" \
     "the mock API got each (job, step) once: 60 requests, 60 Idempotency-Keys"
 
 jl_mock_stop
