@@ -176,3 +176,16 @@ GRANT SELECT ON SEQUENCE jobloop.job_id_seq TO jobloop_admin;
 -- small index however many jobs have finished.
 CREATE INDEX job_retrying_idx ON jobloop.job (id)
     WHERE status OPERATOR(pg_catalog.=) 'running' AND last_error IS NOT NULL;
+
+-- Claims that cost the same however many jobs have finished (bench/README.md, "Scale
+-- and soak").  job_runnable_idx answered the same questions as job_tenant_runnable_idx;
+-- when the statistics said the queue was empty, the planner could pick it for the
+-- claim's per-tenant probes and walk the whole queue once per tenant (claims of 80 ms
+-- mean, 850 ms max, at 5M finished rows).  One index leaves no such choice.
+DROP INDEX jobloop.job_runnable_idx;
+
+-- Statistics that follow the queue, not the archive: with the default scale factors a
+-- table of 5M finished jobs is analyzed after 500,000 changes, so a burst of new jobs
+-- is never seen by the planner.  Fixed thresholds, whatever the table's size.
+ALTER TABLE jobloop.job SET (autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 10000,
+                             autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000);

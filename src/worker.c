@@ -456,6 +456,13 @@ jobloop_worker_main(Datum main_arg)
 
 	wait_for_extension();
 
+	/*
+	 * No JIT: the worker's statements are short and run thousands of times,
+	 * and JIT is paid per execution; a misestimate once put 0.5-1.2 s of
+	 * compilation into every claim (bench/README.md, "Scale and soak").
+	 */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
 	/* our own statements must not resolve names through a user's path */
 	logic_capture_search_path();
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
