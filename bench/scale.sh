@@ -309,7 +309,7 @@ echo "rows,state,run,jobs,steps,steps_per_s_runs,steps_per_s,wall_s,claim_calls,
 # One run of the burst in state $2 at size $1, results in $OUT/$1_$2$3 ($3: a label suffix).
 run_burst() {
     local rows=$1 state=$2 label=${3:-} dir done0 t0 now deadline done_n off logoff run
-    local steps secs sps wall pgss ms buf plan slow cms cbuf gms gbuf tb ix claim_w samples=0 claim_sum=0 cw
+    local steps secs sps wall pgss ms buf plan slow cms gms tb ix claim_w samples=0 claim_sum=0 cw
     local sps_runs=() wall_sum=0 steps_sum=0
     dir=$OUT/${rows}_${state}${label}
     mkdir -p "$dir"
@@ -378,8 +378,8 @@ run_burst() {
     slow=$(sed -n 's/^==== claims logged by auto_explain.*: //p' "$dir/auto_explain.txt")
 
     read -r ms buf < <(explain_numbers "$dir/claim_explain.txt" "sixth execution")
-    read -r cms cbuf < <(explain_numbers "$dir/claim_explain.txt" "force_custom_plan")
-    read -r gms gbuf < <(explain_numbers "$dir/claim_explain.txt" "force_generic_plan")
+    read -r cms _ < <(explain_numbers "$dir/claim_explain.txt" "force_custom_plan")
+    read -r gms _ < <(explain_numbers "$dir/claim_explain.txt" "force_generic_plan")
     plan=$(plan_choice "$dir/claim_explain.txt")
     read -r tb ix < <(sizes)
     jl_psql -P pager=off -c "SELECT c.relname, pg_size_pretty(pg_relation_size(c.oid)) AS size,
@@ -482,4 +482,5 @@ fi
     echo "took $(( ($(date +%s) - scale_t0) / 60 )) min $(( ($(date +%s) - scale_t0) % 60 )) s"
 } >"$OUT/summary.txt"
 cat "$OUT/summary.txt"
+rm -f "$OUT/.qerr"
 jl_log "wrote $OUT"

@@ -100,7 +100,7 @@ jl_psql -f "$BENCH/soak.sql" >/dev/null
 {
     echo "jobloop soak, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$JL_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$JL_ROOT" diff --quiet HEAD -- src sql 2>/dev/null || echo '+changes'), jobloop.so md5 $(md5sum "$("$JL_PGBIN/pg_config" --pkglibdir)/jobloop.so" | cut -c1-12)"
     echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load average at start $(cut -d' ' -f1-3 /proc/loadavg); $("$JL_PGBIN/postgres" --version)"
-    echo "load: ${SOAK_RATE} jobs/s x ${SOAK_K} steps at L=${SOAK_L}s, ${SOAK_TENANTS} tenants, cancel ${SOAK_CANCEL}, fail ${SOAK_FAIL}; kill -9 every ${SOAK_KILL_EVERY}s; retention ${SOAK_RETENTION}s; ${SOAK_DURATION}s, a sample every ${SOAK_SAMPLE}s"
+    echo "load: ${SOAK_RATE} jobs/s x ${SOAK_K} steps at L=${SOAK_L}s, ${SOAK_TENANTS} tenants, cancel ${SOAK_CANCEL}, fail ${SOAK_FAIL}; $( (( SOAK_KILL_EVERY > 0 )) && echo "kill -9 every ${SOAK_KILL_EVERY}s" || echo "no kill -9"); retention ${SOAK_RETENTION}s; ${SOAK_DURATION}s, a sample every ${SOAK_SAMPLE}s"
     echo "settings: ${settings[*]}"
 } >"$OUT/settings.txt"
 cat "$OUT/settings.txt" >&2
@@ -196,7 +196,6 @@ av_log=0
 aa_log=0
 restarts=0
 kills=0
-last_req_lines=0
 last_t=$t0
 next_kill=$(( SOAK_KILL_EVERY > 0 ? t0 + SOAK_KILL_EVERY : end + 1 ))
 kill_worker=1
