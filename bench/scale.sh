@@ -437,8 +437,9 @@ if [[ "$SCALE_EXPERIMENTS" == 1 ]]; then
     # E5: the prequeue burst again without job_runnable_idx: the tenant walk and the
     # tenant probes then have job_tenant_runnable_idx alone to use, whatever the statistics
     # say (store_next_runnable scans job_tenant_runnable_idx instead)
-    idxdef=$(q -c "SELECT pg_get_indexdef('jobloop.job_runnable_idx'::regclass)")
-    if q -c "DROP INDEX jobloop.job_runnable_idx" >/dev/null; then
+    # (schemas from commit 5962aa8 on have no job_runnable_idx: nothing to try then)
+    idxdef=$(q -c "SELECT pg_get_indexdef(to_regclass('jobloop.job_runnable_idx'))")
+    if [[ -n "$idxdef" ]] && q -c "DROP INDEX jobloop.job_runnable_idx" >/dev/null; then
         q -c "VACUUM ANALYZE jobloop.job" >/dev/null
         run_burst "$largest" prequeue _no_runnable_idx
         q -c "$idxdef" >/dev/null
