@@ -189,3 +189,9 @@ DROP INDEX jobloop.job_runnable_idx;
 -- is never seen by the planner.  Fixed thresholds, whatever the table's size.
 ALTER TABLE jobloop.job SET (autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 10000,
                              autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000);
+
+-- jobloop.errors reads the last day's failed jobs: an index of failed jobs alone
+-- (0.15-0.7 s -> ~26 ms at 5M finished rows).  Its predicate is not implied by the
+-- claim's conditions, so the claim cannot pick it.
+CREATE INDEX job_failed_idx ON jobloop.job (finished_at)
+    WHERE status OPERATOR(pg_catalog.=) 'failed';
