@@ -212,7 +212,8 @@ pause_at_start(const char *database)
 	if (!OidIsValid(pause_table_oid()))
 	{
 		ereport(WARNING,
-				(errmsg("jobloop.start_paused is on, but database \"%s\" has jobloop from before 0.3.0, which cannot pause",
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("jobloop.start_paused is on, but database \"%s\" has jobloop from before 0.3.0, which cannot pause",
 						database),
 				 errhint("Run ALTER EXTENSION jobloop UPDATE.")));
 		return;
