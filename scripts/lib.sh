@@ -32,6 +32,11 @@
 #   jl_wait_for SECONDS CMD...       poll CMD every 0.1 s until it succeeds or time runs out
 #   jl_mock_start / jl_mock_stop     nginx mock API; exports JL_MOCK_PORT JL_MOCK_URL
 #                                    JL_MOCK_URL2 JL_MOCK_DIR JL_MOCK_LOG JL_MOCK_LOG2
+#   jl_mock_tls                      a second nginx: the mock over HTTPS and HTTP/2, with a
+#                                    throw-away CA and certificates made by openssl (good,
+#                                    expired, wrong host, unknown CA, client); exports
+#                                    JL_TLS_DIR JL_TLS_CERTS JL_TLS_LOG and JL_TLS_PORT_*
+#                                    (see the function)
 #   jl_on_exit CMD [ARG...]          add a cleanup command (run in reverse order at exit)
 #   jl_sanitize_findings [LOG...]    with JL_SANITIZE=address: print the ASan reports and the
 #                                    crashes in LOGs; sets JL_SANITIZE_FOUND (0 = clean)
@@ -84,12 +89,13 @@ export JL_PGBIN
 
 # Packages a fresh Debian needs to build, test and demo jobloop (iproute2 and procps: the
 # suites' ss and pgrep; a minimal system lacks them; debhelper, dpkg-dev and
-# postgresql-server-dev-all (pg_buildext): the package suite's Debian package build).
+# postgresql-server-dev-all (pg_buildext): the package suite's Debian package build;
+# openssl: the TLS mock's throw-away certificates, jl_mock_tls).
 JL_DEPS=("postgresql-$JL_PG_VERSION" "postgresql-server-dev-$JL_PG_VERSION"
          "postgresql-$JL_PG_VERSION-pgtap"
          libtap-parser-sourcehandler-pgtap-perl libcurl4-openssl-dev
          nginx libnginx-mod-http-echo build-essential curl iproute2 procps
-         debhelper dpkg-dev postgresql-server-dev-all)
+         debhelper dpkg-dev postgresql-server-dev-all openssl)
 
 # The versions the test command runs by default (JL_PG_VERSIONS overrides): each on the
 # Debian release that ships it, natively or in a chroot (scripts/matrix.sh).
@@ -825,4 +831,168 @@ _jl_mock_cleanup() {
         return 0
     fi
     _jl_nginx_stop "$dir"
+}
+
+# ---------------------------------------------------------------------------------------
+# Mock API over TLS and HTTP/2 (test/mock/nginx-tls.conf.in); the plain mock is unchanged.
+
+# _jl_tls_cert DIR NAME CA SAN [DAYS]: NAME.crt (and NAME.key) in DIR, signed by CA (a
+# name in DIR), for SAN (an OpenSSL subjectAltName, or "client" for a client
+# certificate), valid DAYS (default 2; "expired": it ended yesterday).
+_jl_tls_cert() {
+    local dir=$1 name=$2 ca=$3 san=$4 days=${5:-2} validity
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$dir/$name.key" -out "$dir/$name.csr" -subj "/CN=jobloop test $name" \
+        >/dev/null 2>&1 || return 1
+    {
+        echo "basicConstraints=critical,CA:FALSE"
+        echo "subjectKeyIdentifier=hash"
+        echo "authorityKeyIdentifier=keyid"
+        if [[ "$san" == client ]]; then
+            echo "extendedKeyUsage=clientAuth"
+        else
+            echo "extendedKeyUsage=serverAuth"
+            echo "subjectAltName=$san"
+        fi
+    } >"$dir/$name.ext"
+    validity=(-days "$days")
+    if [[ "$days" == expired ]]; then
+        # OpenSSL 3.4 and later refuse -days -1; they have -not_before/-not_after
+        if openssl x509 -help 2>&1 | grep -q -- -not_after; then
+            validity=(-not_before "$(date -u -d '-3 days' +%Y%m%d%H%M%SZ)"
+                      -not_after "$(date -u -d '-1 day' +%Y%m%d%H%M%SZ)")
+        else
+            validity=(-days -1)
+        fi
+    fi
+    openssl x509 -req -in "$dir/$name.csr" -CA "$dir/$ca.crt" -CAkey "$dir/$ca.key" \
+        -set_serial "$((RANDOM * 32768 + RANDOM))" "${validity[@]}" \
+        -extfile "$dir/$name.ext" -out "$dir/$name.crt" >/dev/null 2>&1
+}
+
+# _jl_tls_make_certs DIR: the test CA, another CA nobody trusts, and their certificates.
+_jl_tls_make_certs() {
+    local dir=$1 ca
+    command -v openssl >/dev/null 2>&1 || { jl_log "openssl is not installed"; return 1; }
+    mkdir -p "$dir" || return 1
+    for ca in ca rogue-ca; do
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -keyout "$dir/$ca.key" -out "$dir/$ca.crt" -subj "/CN=jobloop test $ca" \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" >/dev/null 2>&1 \
+            || { jl_log "openssl could not make the $ca certificate"; return 1; }
+    done
+    # shellcheck disable=SC2015  # the || is for a failure of any of them
+    _jl_tls_cert "$dir" server ca "IP:127.0.0.1,IP:127.0.0.2,DNS:localhost" \
+        && _jl_tls_cert "$dir" expired ca "IP:127.0.0.1,DNS:localhost" expired \
+        && _jl_tls_cert "$dir" wronghost ca "DNS:wrong.example" \
+        && _jl_tls_cert "$dir" rogue rogue-ca "IP:127.0.0.1,DNS:localhost" \
+        && _jl_tls_cert "$dir" client ca client \
+        && _jl_tls_cert "$dir" rogue-client rogue-ca client \
+        || { jl_log "openssl could not make the test certificates"; return 1; }
+    # The worker (user postgres) reads them; they are throw-away.
+    chmod 0755 "$dir" && chmod 0644 "$dir"/*
+}
+
+# The "listen" syntax of HTTP/2: nginx 1.25.1 moved it to a directive of its own.
+_jl_nginx_h2_syntax() {
+    local v
+    v=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+    if [[ "$(printf '%s\n' "$v" 1.25.1 | sort -V | head -n 1)" == 1.25.1 ]]; then
+        echo "on"
+    else
+        echo "listen"
+    fi
+}
+
+_jl_tls_ready() {
+    curl -sf -o /dev/null --max-time 2 --cacert "$JL_TLS_CERTS/ca.crt" "https://127.0.0.1:$JL_TLS_PORT_H2/__ready" \
+        && _jl_port_used "$JL_TLS_PORT_STRICT"
+}
+
+# jl_mock_tls: certificates in JL_TLS_CERTS (ca.crt: the CA to trust; client.crt/.key:
+# a client certificate it signed; rogue-ca.crt, rogue-client.crt/.key: another CA's), and
+#   JL_TLS_PORT_H2 H1 NOKA GOAWAY H2C EXPIRED WRONGHOST ROGUE OLDTLS CIPHER MTLS: nginx, on
+#       127.0.0.1 (what each serves: test/mock/nginx-tls.conf.in); access log JL_TLS_LOG
+#   JL_TLS_PORT_STRICT  `openssl s_server -www`, which requires a client certificate of
+#       the test CA and refuses the handshake without one (nginx answers HTTP 400 instead)
+jl_mock_tls() {
+    local dir module nofile attempt names=(H2 H1 NOKA GOAWAY H2C EXPIRED WRONGHOST ROGUE OLDTLS CIPHER MTLS STRICT)
+    local n p sedargs started='' h2 pid
+    local -A ports=()
+    command -v nginx >/dev/null 2>&1 || { jl_log "nginx is not installed (run jl_install_deps)"; return 1; }
+    module=$(_jl_echo_module_path) || return 1
+    nofile=$(_jl_nofile_limit)
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-tls.XXXXXX") || return 1
+    chmod 0755 "$dir"
+    jl_on_exit _jl_rm_dir "$dir"
+    _jl_tls_make_certs "$dir/certs" || return 1
+    cp "$JL_ROOT/test/mock/nginx-tls-locations.conf" "$dir/locations.conf" || return 1
+    : >"$dir/access.log"
+    jl_on_exit _jl_mock_cleanup "$dir"
+    h2=$(_jl_nginx_h2_syntax)
+
+    for attempt in 1 2 3; do
+        ports=()
+        sedargs=(-e "s|@DIR@|$dir|g" -e "s|@ECHO_MODULE@|$module|g"
+                 -e "s|^worker_rlimit_nofile .*|worker_rlimit_nofile $nofile;|")
+        if [[ "$h2" == on ]]; then
+            sedargs+=(-e "s|@H2_LISTEN@||g" -e "s|@H2_ON@|http2 on;|g")
+        else
+            sedargs+=(-e "s|@H2_LISTEN@| http2|g" -e "s|@H2_ON@||g")
+        fi
+        for n in "${names[@]}"; do
+            # distinct ports
+            while :; do
+                p=$(jl_free_port) || return 1
+                [[ " ${ports[*]} " == *" $p "* ]] || break
+            done
+            ports[$n]=$p
+            sedargs+=(-e "s|@P_${n}@|$p|g")
+        done
+        sed "${sedargs[@]}" "$JL_ROOT/test/mock/nginx-tls.conf.in" >"$dir/nginx.conf" || return 1
+        if (ulimit -Sn "$(ulimit -Hn)" 2>/dev/null; exec nginx -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log") \
+                >"$dir/start.out" 2>&1 </dev/null; then
+            started=1
+            break
+        fi
+        if (( attempt < 3 )) && grep -q 'Address already in use' "$dir/start.out" "$dir/error.log" 2>/dev/null; then
+            jl_log "a port was taken, retrying with others"
+            continue
+        fi
+        break
+    done
+    if [[ -z "$started" ]]; then
+        jl_log "nginx (TLS) failed to start:"
+        cat "$dir/start.out" >&2
+        return 1
+    fi
+    for n in "${names[@]}"; do
+        export "JL_TLS_PORT_$n=${ports[$n]}"
+    done
+    export JL_TLS_DIR=$dir JL_TLS_CERTS=$dir/certs JL_TLS_LOG=$dir/access.log
+
+    # The strict mutual-TLS server: a handshake without an accepted client certificate fails.
+    openssl s_server -accept "127.0.0.1:$JL_TLS_PORT_STRICT" -cert "$dir/certs/server.crt" \
+        -key "$dir/certs/server.key" -CAfile "$dir/certs/ca.crt" -Verify 1 -verify_return_error \
+        -www -quiet </dev/null >"$dir/s_server.log" 2>&1 &
+    pid=$!
+    echo "$pid" >"$dir/s_server.pid"
+    jl_on_exit _jl_tls_strict_stop "$pid"
+
+    jl_wait_for 10 _jl_tls_ready || {
+        jl_log "TLS mock API did not answer; $dir/error.log, $dir/s_server.log:"
+        tail -n 20 "$dir/error.log" "$dir/s_server.log" >&2
+        return 1
+    }
+    jl_log "TLS mock API up on https://127.0.0.1:$JL_TLS_PORT_H2 and more (dir $dir)"
+}
+
+_jl_tls_strict_stop() {
+    local pid=$1
+    _jl_pid_alive "$pid" || return 0
+    [[ "${JL_KEEP:-}" == 1 ]] && return 0
+    kill "$pid" 2>/dev/null
+    jl_wait_for 5 _jl_pid_gone "$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+    return 0
 }

@@ -122,6 +122,19 @@ chroot_create() {
     jl_log "created the $codename chroot in $((SECONDS - t0)) s"
 }
 
+# chroot_note_installed ROOT PACKAGE...: add to ROOT's package list those of PACKAGE...
+# it lacks that are installed in it.
+chroot_note_installed() {
+    local root=$1 pkg
+    shift
+    for pkg in $(printf '%s\n' "$@" | grep -vxFf "$root/.jobloop-chroot"); do
+        # shellcheck disable=SC2016  # dpkg-query's format, not shell
+        [[ "$(chroot "$root" dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null)" == ii* ]] \
+            && echo "$pkg" >>"$root/.jobloop-chroot"
+    done
+    return 0
+}
+
 # chroot_ready VERSION: the chroot for VERSION, created if missing or incomplete; prints
 # its path.  The caller holds the lock.
 chroot_ready() {
@@ -133,6 +146,9 @@ chroot_ready() {
     # A chroot a run left unfinished (killed during debootstrap) is made again, and so is
     # one made without a package JL_DEPS now names: apt-get update may not work in there
     # (a sid mirror's Release file expires within days), debootstrap's --include does.
+    # A package added to JL_DEPS that the chroot has anyway (pulled in by another) only
+    # joins the list.
+    [[ -f "$root/.jobloop-chroot" ]] && chroot_note_installed "$root" "${pkgs[@]}"
     for dir in "$root.partial" "$root"; do
         [[ -d "$dir" ]] || continue
         [[ "$dir" == "$root" && -f "$root/.jobloop-chroot" ]] \
