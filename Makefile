@@ -11,6 +11,7 @@ OBJS = \
 	src/headers.o \
 	src/http.o \
 	src/guard.o \
+	src/tls.o \
 	src/allowlist.o \
 	src/store.o \
 	src/held.o \

@@ -15,6 +15,12 @@
  * redirect hop and happy-eyeballs fallbacks alike.  Proxies from the
  * environment are ignored, since they would hide the real address.
  *
+ * HTTPS is verified against jobloop.ca_file (or the system's CA
+ * certificates), with jobloop.client_cert for servers that ask for one;
+ * HTTP/2 is used whenever an HTTPS server offers it (ALPN) and, with prior
+ * knowledge, for the plain-http servers jobloop.http2_prior_knowledge
+ * lists.  See "TLS and HTTP/2" below.
+ *
  * Nothing here raises an error after the worker's commit: failures are
  * reported as transfer results.  Only the worker process uses this file.
  *
@@ -62,6 +68,7 @@ typedef struct Shard
 	CURLM	   *multi;
 	int			index;
 	int			in_flight;
+	bool		retired;		/* made with TLS settings since changed: no new transfers */
 	TimestampTz idle_since;		/* when in_flight fell to 0; 0 while busy */
 	bool		has_deadline;
 	TimestampTz deadline;		/* when curl wants socket_action(TIMEOUT) */
@@ -98,6 +105,55 @@ static int	epoll_fd = -1;
 static int	in_flight = 0;
 static Transfer *free_transfers = NULL;
 static Transfer *failed_transfers = NULL;	/* could not start; reported as finished */
+
+/*
+ * TLS and HTTP/2.
+ *
+ * Sessions: every transfer uses one share object whose TLS session cache
+ * all shards share, so a connection opened in another shard (or after a
+ * keep-alive connection was closed) resumes a session instead of making a
+ * full handshake.  Keep-alive connections are reused within a shard.
+ *
+ * Reloads: libcurl caches what it read from files -- the CA store in the
+ * multi handle (or its share) for CURLOPT_CA_CACHE_TIMEOUT, 24 h by default,
+ * keyed by the file's path only -- and reuses connections and sessions
+ * whose settings have the same paths.  A file replaced at the same path
+ * would therefore go unnoticed for a day, or for ever on a busy connection.
+ * So after each reload the worker compares tls_settings_signature() (the
+ * settings, and each file's inode, size and times) with the one its
+ * connections were made with; when it changed, every shard is retired (it
+ * takes no new transfer and is closed, connections and CA cache with it, as
+ * soon as its last transfer ends) and the share is replaced, so no new
+ * request uses a connection, a cached CA store or a TLS session of the old
+ * settings.
+ *
+ * HTTP/2: over https, libcurl offers h2 by ALPN and, when the server takes
+ * it, multiplexes the shard's transfers to that server over one connection
+ * (CURLMOPT_PIPELINING), as many streams as the server's SETTINGS allow
+ * and at most MAX_STREAMS; CURLOPT_PIPEWAIT makes a new transfer wait for a
+ * connection being opened to the same server rather than open one more.
+ * Plain http speaks HTTP/1.1, or HTTP/2 from the first byte to the servers
+ * listed in jobloop.http2_prior_knowledge.  A GOAWAY or a reset stream
+ * fails only the transfers the server did not process (libcurl retries
+ * those it refused by itself); they are retried like any transport error.
+ */
+#define MAX_STREAMS			TRANSFERS_PER_SHARD	/* per connection; one shard's worth */
+#define MAX_RETIRED_SHARES	16
+
+static CURLSH *share = NULL;	/* NULL: not made yet (or could not be) */
+static CURLSH *retired_shares[MAX_RETIRED_SHARES];
+static int	nretired_shares = 0;
+static char *tls_signature = NULL;	/* malloc'd; what the shards were made with */
+
+/*
+ * libcurl before 8.0.0 fails every transfer that reuses an HTTP/2
+ * connection made with prior knowledge (CURLE_HTTP2 at once: it stacks a
+ * second HTTP/2 layer on the connection; curl issue 10634, fixed by PR
+ * 10643).  Debian 12 ships 7.88.1.  With such a libcurl each request to a
+ * jobloop.http2_prior_knowledge server gets a connection of its own, closed
+ * after it: HTTP/2 still, but neither reused nor multiplexed.
+ */
+static bool prior_knowledge_reuse_broken = false;
 
 /* ---- curl callbacks ---- */
 
@@ -335,6 +391,8 @@ http_init(void)
 	epoll_fd = epoll_create1(EPOLL_CLOEXEC);
 	if (epoll_fd < 0)
 		elog(ERROR, "epoll_create1 failed: %m");
+	http_settings_reloaded();	/* what the first connections are made with */
+	prior_knowledge_reuse_broken = curl_version_info(CURLVERSION_NOW)->version_num < 0x080000;
 }
 
 static bool
@@ -346,6 +404,8 @@ setup_multi(Shard *shard)
 		curl_multi_setopt(m, CURLMOPT_SOCKETDATA, shard) == CURLM_OK &&
 		curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, timer_callback) == CURLM_OK &&
 		curl_multi_setopt(m, CURLMOPT_TIMERDATA, shard) == CURLM_OK &&
+		curl_multi_setopt(m, CURLMOPT_PIPELINING, (long) CURLPIPE_MULTIPLEX) == CURLM_OK &&
+		curl_multi_setopt(m, CURLMOPT_MAX_CONCURRENT_STREAMS, (long) MAX_STREAMS) == CURLM_OK &&
 	/* keep a connection per call slot, so that keep-alive survives between steps */
 		curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, (long) TRANSFERS_PER_SHARD + 16) == CURLM_OK;
 }
@@ -366,7 +426,7 @@ pick_shard(void)
 			if (slot < 0)
 				slot = i;
 		}
-		else if (shards[i]->in_flight < TRANSFERS_PER_SHARD &&
+		else if (!shards[i]->retired && shards[i]->in_flight < TRANSFERS_PER_SHARD &&
 				 (best == NULL || shards[i]->in_flight < best->in_flight))
 			best = shards[i];
 	}
@@ -400,6 +460,91 @@ pick_shard(void)
 	shards[slot] = shard;
 	live_shards++;
 	return shard;
+}
+
+/* The share of the current TLS settings; NULL if libcurl cannot make one. */
+static CURLSH *
+current_share(void)
+{
+	static bool warned = false;
+
+	if (share == NULL)
+	{
+		share = curl_share_init();
+		if (share != NULL &&
+			curl_share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK)
+		{
+			curl_share_cleanup(share);
+			share = NULL;
+		}
+		if (share == NULL && !warned)
+		{
+			elog(LOG, "jobloop could not set up a shared TLS session cache; "
+				 "each connection makes a full TLS handshake");
+			warned = true;
+		}
+	}
+	return share;
+}
+
+/* Free the shares of old TLS settings that no easy handle uses any more. */
+static void
+cleanup_retired_shares(void)
+{
+	for (int i = 0; i < nretired_shares;)
+	{
+		if (curl_share_cleanup(retired_shares[i]) == CURLSHE_OK)
+			retired_shares[i] = retired_shares[--nretired_shares];
+		else
+			i++;				/* CURLSHE_IN_USE: a transfer still runs with it */
+	}
+}
+
+/*
+ * After a reload: if the TLS settings or their files changed, retire the
+ * shards and the share (see "TLS and HTTP/2").
+ */
+void
+http_settings_reloaded(void)
+{
+	char	   *signature = tls_settings_signature();
+
+	if (tls_signature != NULL && strcmp(signature, tls_signature) == 0)
+	{
+		pfree(signature);
+		return;
+	}
+	if (tls_signature != NULL)
+	{
+		int			retired = 0;
+
+		for (int i = 0; i < nshards; i++)
+			if (shards[i] != NULL && !shards[i]->retired)
+			{
+				shards[i]->retired = true;
+				retired++;
+			}
+		if (share != NULL)
+		{
+			/* spare handles would keep it in use until they run again */
+			for (Transfer *x = free_transfers; x; x = x->next_free)
+				(void) curl_easy_setopt(x->easy, CURLOPT_SHARE, NULL);
+			if (nretired_shares == MAX_RETIRED_SHARES)
+				cleanup_retired_shares();
+			if (nretired_shares < MAX_RETIRED_SHARES)
+			{
+				retired_shares[nretired_shares++] = share;
+				share = NULL;
+			}
+			/* else (reloads faster than calls end): keep it; sessions then survive */
+		}
+		cleanup_retired_shares();
+		elog(LOG, "jobloop: TLS or HTTP/2 settings changed; %d shard(s) of connections "
+			 "retired, new requests use new connections", retired);
+	}
+	free(tls_signature);
+	tls_signature = strdup(signature);
+	pfree(signature);
 }
 
 int
@@ -460,6 +605,28 @@ add_header(Transfer *xfer, const char *line)
 	return true;
 }
 
+/* Is the URL's host:port in jobloop.http2_prior_knowledge? */
+static bool
+url_has_prior_knowledge(const char *url)
+{
+	CURLU	   *u = curl_url();
+	char	   *host = NULL;
+	char	   *port = NULL;
+	bool		listed = false;
+
+	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+		curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+		curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
+		listed = tls_prior_knowledge(host, atoi(port));
+	if (host)
+		curl_free(host);
+	if (port)
+		curl_free(port);
+	if (u)
+		curl_url_cleanup(u);
+	return listed;
+}
+
 /*
  * Every option of a request, each one checked: an option libcurl refuses
  * is a request sent otherwise than we meant, or worse.  The first refusal
@@ -475,6 +642,61 @@ add_header(Transfer *xfer, const char *line)
 			return false; \
 		} \
 	} while (0)
+
+/* TLS and the HTTP version (see "TLS and HTTP/2"). */
+static bool
+configure_tls(Transfer *xfer, const HttpRequest *req)
+{
+	CURL	   *e = xfer->easy;
+	bool		https = pg_strncasecmp(req->url, "https://", 8) == 0;
+	bool		prior_knowledge = !https && tls_prior_knowledge_any() &&
+		url_has_prior_knowledge(req->url);
+
+	if (https && jobloop_client_key[0] != '\0' && jobloop_client_cert[0] == '\0')
+	{
+		/* libcurl would ignore the key and present no certificate */
+		xfer->setup_error = CURLE_SSL_CERTPROBLEM;
+		xfer->setup_option = "jobloop.client_key is set but jobloop.client_cert is not";
+		return false;
+	}
+	SET(CURLOPT_SSL_VERIFYPEER, 1L);
+	SET(CURLOPT_SSL_VERIFYHOST, 2L);
+	if (jobloop_ca_file[0] != '\0')
+		SET(CURLOPT_CAINFO, jobloop_ca_file);
+	if (jobloop_client_cert[0] != '\0')
+	{
+		SET(CURLOPT_SSLCERT, jobloop_client_cert);
+		SET(CURLOPT_SSLCERTTYPE, "PEM");
+		if (jobloop_client_key[0] != '\0')
+			SET(CURLOPT_SSLKEY, jobloop_client_key);
+	}
+	SET(CURLOPT_SHARE, current_share());
+	SET(CURLOPT_HTTP_VERSION,
+		prior_knowledge ? (long) CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE : (long) CURL_HTTP_VERSION_2TLS);
+	if (prior_knowledge && prior_knowledge_reuse_broken)
+	{
+		static bool said = false;
+
+		if (!said)
+			elog(LOG, "jobloop: libcurl %s cannot reuse HTTP/2 connections made with prior knowledge "
+				 "(fixed in 8.0.0); each request to a server of jobloop.http2_prior_knowledge "
+				 "gets a connection of its own", curl_version_info(CURLVERSION_NOW)->version);
+		said = true;
+		SET(CURLOPT_FRESH_CONNECT, 1L);
+		SET(CURLOPT_FORBID_REUSE, 1L);
+		return true;
+	}
+
+	/*
+	 * Wait for a connection being opened to the same server, which may take
+	 * this transfer as one more stream, rather than open another.  Not for
+	 * plain HTTP/1.1, where no connection can be shared: there it would only
+	 * hold each new transfer back behind another's connect.
+	 */
+	if (https || prior_knowledge)
+		SET(CURLOPT_PIPEWAIT, 1L);
+	return true;
+}
 
 static bool
 configure(Transfer *xfer, const HttpRequest *req, int default_timeout_ms, bool fresh_connection)
@@ -516,6 +738,8 @@ configure(Transfer *xfer, const HttpRequest *req, int default_timeout_ms, bool f
 	SET(CURLOPT_ACCEPT_ENCODING, "");
 	SET(CURLOPT_TCP_KEEPALIVE, 1L);
 	SET(CURLOPT_USERAGENT, "jobloop/" JOBLOOP_VERSION);
+	if (!configure_tls(xfer, req))
+		return false;
 
 	/*
 	 * libcurl re-sends a request by itself when a reused connection closes
@@ -669,8 +893,10 @@ http_close_idle(TimestampTz now)
 	{
 		Shard	   *shard = shards[i];
 
-		if (shard == NULL || shard->in_flight > 0 || shard->idle_since == 0 ||
-			now - shard->idle_since < (TimestampTz) jobloop_idle_connection_timeout * USECS_PER_SEC)
+		if (shard == NULL || shard->in_flight > 0 ||
+			(!shard->retired &&
+			 (shard->idle_since == 0 ||
+			  now - shard->idle_since < (TimestampTz) jobloop_idle_connection_timeout * USECS_PER_SEC)))
 			continue;
 		/* closes its connections; the socket callback takes them off epoll */
 		(void) curl_multi_cleanup(shard->multi);
@@ -681,6 +907,8 @@ http_close_idle(TimestampTz now)
 	}
 	while (nshards > 0 && shards[nshards - 1] == NULL)
 		nshards--;
+	if (nretired_shares > 0)
+		cleanup_retired_shares();
 	if (closed && live_shards == 0)
 	{
 		while (free_transfers)
@@ -753,7 +981,9 @@ http_next_timeout(void)
 
 		if (shard == NULL)
 			continue;
-		if (shard->has_deadline)
+		if (shard->retired && shard->in_flight == 0)
+			t = GetCurrentTimestamp();	/* to be closed */
+		else if (shard->has_deadline)
 			t = shard->deadline;
 		else if (shard->idle_since != 0)
 			t = shard->idle_since + (TimestampTz) jobloop_idle_connection_timeout * USECS_PER_SEC;
@@ -763,6 +993,130 @@ http_next_timeout(void)
 			next = t;
 	}
 	return next;
+}
+
+/*
+ * OpenSSL's reasons for a handshake that failed because one side refuses
+ * what the other offers or presents: the peer's alerts (protocol version,
+ * handshake failure = no cipher in common, certificate required / bad /
+ * unknown CA, ...) and the local refusals (unsupported protocol, no shared
+ * cipher).  Every new handshake with the same settings ends the same way.
+ */
+static const char *const tls_refusals[] = {
+	"alert protocol version",
+	"alert handshake failure",
+	"alert insufficient security",
+	"alert certificate required",
+	"alert bad certificate",
+	"alert unsupported certificate",
+	"alert certificate revoked",
+	"alert certificate expired",
+	"alert certificate unknown",
+	"alert unknown ca",
+	"alert access denied",
+	"alert unrecognized name",
+	"alert no application protocol",
+	"unsupported protocol",
+	"no protocols available",
+	"no shared cipher",
+	"no ciphers available",
+	"no suitable signature algorithm",
+	"legacy sigalg disallowed",
+	"wrong version number",
+};
+
+/*
+ * Is a TLS failure certainly permanent?  Verification failures (unknown
+ * CA, expired, host name mismatch), a CA file or client certificate that
+ * cannot be loaded, a cipher libcurl cannot use: yes, by their code.
+ * CURLE_SSL_CONNECT_ERROR, though, is any failed handshake -- also a
+ * connection reset or closed in the middle of it, an overloaded server or
+ * a load balancer's backend going away, which a retry mends -- and a TLS
+ * 1.3 server's refusal of the client certificate arrives after the
+ * client's side of the handshake, at the first read (CURLE_RECV_ERROR).
+ * For those only a refusal named in tls_refusals is permanent; anything
+ * else (SSL_ERROR_SYSCALL, unexpected EOF, a reset) is retried.  The texts
+ * are OpenSSL's, which is the TLS library Debian's libcurl4-openssl-dev
+ * builds against; with another, those codes are simply retried.
+ */
+static bool
+tls_failure_permanent(CURLcode code, const char *errbuf)
+{
+	switch (code)
+	{
+		case CURLE_PEER_FAILED_VERIFICATION:
+		case CURLE_SSL_CACERT_BADFILE:
+		case CURLE_SSL_CERTPROBLEM:
+		case CURLE_SSL_CIPHER:
+		case CURLE_SSL_ENGINE_NOTFOUND:
+		case CURLE_SSL_ENGINE_SETFAILED:
+		case CURLE_SSL_ENGINE_INITFAILED:
+		case CURLE_SSL_CRL_BADFILE:
+		case CURLE_SSL_ISSUER_ERROR:
+		case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+		case CURLE_SSL_INVALIDCERTSTATUS:
+#if LIBCURL_VERSION_NUM >= 0x074d00
+		case CURLE_SSL_CLIENTCERT:
+#endif
+			return true;
+		case CURLE_SSL_CONNECT_ERROR:
+		case CURLE_RECV_ERROR:
+		case CURLE_SEND_ERROR:
+			for (int i = 0; i < lengthof(tls_refusals); i++)
+				if (strstr(errbuf, tls_refusals[i]) != NULL)
+					return true;
+			return false;
+		default:
+			return false;
+	}
+}
+
+/*
+ * "TLS: <libcurl's reason> (https://host:port)": the origin only, since a
+ * path or query may carry credentials.  libcurl's "SSL certificate
+ * problem: X" reads "certificate verify failed: X".
+ */
+static char *
+describe_tls_failure(Transfer *xfer, CURLcode code)
+{
+	static const char verify_prefix[] = "SSL certificate problem: ";
+	const char *reason = xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code);
+	char	   *url = NULL;
+	char	   *origin = NULL;
+	CURLU	   *u = curl_url();
+	char	   *text;
+
+	if (u && curl_easy_getinfo(xfer->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url &&
+		curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK)
+	{
+		char	   *scheme = NULL;
+		char	   *host = NULL;
+		char	   *port = NULL;
+
+		if (curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+			curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+			curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
+			origin = psprintf("%s://%s:%s", scheme, host, port);
+		if (scheme)
+			curl_free(scheme);
+		if (host)
+			curl_free(host);
+		if (port)
+			curl_free(port);
+	}
+	if (u)
+		curl_url_cleanup(u);
+	if (strncmp(reason, verify_prefix, sizeof(verify_prefix) - 1) == 0)
+		text = psprintf("TLS: certificate verify failed: %s", reason + sizeof(verify_prefix) - 1);
+	else
+		text = psprintf("TLS: %s", reason);
+	if (code == CURLE_SSL_CACERT_BADFILE)
+		text = psprintf("%s (jobloop.ca_file)", text);
+	else if (code == CURLE_SSL_CERTPROBLEM)
+		text = psprintf("%s (jobloop.client_cert, jobloop.client_key)", text);
+	if (origin)
+		text = psprintf("%s (%s)", text, origin);
+	return text;
 }
 
 /*
@@ -785,6 +1139,13 @@ describe_failure(Transfer *xfer, CURLcode code, HttpResult *res)
 	{
 		res->error = psprintf("response headers exceed %d kB", MAX_HEADER_BYTES / 1024);
 		res->permanent = true;
+		return;
+	}
+	if (tls_failure_permanent(code, xfer->errbuf))
+	{
+		res->error = describe_tls_failure(xfer, code);
+		res->permanent = true;
+		make_printable(res->error);
 		return;
 	}
 	switch (code)
@@ -855,8 +1216,11 @@ take_result(Transfer *xfer, CURLcode code, void **owner, HttpResult *res)
 	res->body_len = xfer->body_len;
 	if (xfer->setup_error != CURLE_OK)
 	{
-		res->error = psprintf("libcurl refused %s: %s", xfer->setup_option,
-							  curl_easy_strerror(xfer->setup_error));
+		if (strncmp(xfer->setup_option, "jobloop.", 8) == 0)
+				res->error = psprintf("TLS: %s", xfer->setup_option);
+		else
+			res->error = psprintf("libcurl refused %s: %s", xfer->setup_option,
+								  curl_easy_strerror(xfer->setup_error));
 		res->permanent = true;
 	}
 	else

@@ -40,6 +40,10 @@ int			jobloop_max_state_size = 1024 * 1024;
 int			jobloop_max_request_size = 1024 * 1024;
 int			jobloop_idle_connection_timeout = 30;
 bool		jobloop_start_paused = false;
+char	   *jobloop_ca_file = NULL;
+char	   *jobloop_client_cert = NULL;
+char	   *jobloop_client_key = NULL;
+char	   *jobloop_http2_prior_knowledge = NULL;
 
 static void
 define_gucs(void)
@@ -207,6 +211,47 @@ define_gucs(void)
 							 PGC_SIGHUP,
 							 0,
 							 NULL, NULL, NULL);
+
+	/*
+	 * TLS: one CA bundle and one client identity for all the workers of the
+	 * server (see README, "HTTPS and HTTP/2").  A reload that changes them,
+	 * or the files they name, takes effect for every new connection.
+	 */
+	DefineCustomStringVariable("jobloop.ca_file",
+							   "CA certificates that HTTPS servers' certificates are verified against.",
+							   "A PEM file; empty: the system's CA certificates.",
+							   &jobloop_ca_file,
+							   "",
+							   PGC_SIGHUP,
+							   0,
+							   tls_check_ca_file, NULL, NULL);
+
+	DefineCustomStringVariable("jobloop.client_cert",
+							   "Client certificate the workers present to HTTPS servers that ask for one (mutual TLS).",
+							   "A PEM file; empty: none.",
+							   &jobloop_client_cert,
+							   "",
+							   PGC_SIGHUP,
+							   0,
+							   tls_check_client_cert, NULL, NULL);
+
+	DefineCustomStringVariable("jobloop.client_key",
+							   "Private key of jobloop.client_cert.",
+							   "A PEM file, not encrypted; empty: the key is in jobloop.client_cert's file.",
+							   &jobloop_client_key,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   tls_check_client_key, NULL, NULL);
+
+	DefineCustomStringVariable("jobloop.http2_prior_knowledge",
+							   "Servers reached over plain http that are spoken to in HTTP/2 from the start.",
+							   "A comma-separated list of host:port.",
+							   &jobloop_http2_prior_knowledge,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_LIST_INPUT,
+							   tls_check_prior_knowledge, tls_assign_prior_knowledge, NULL);
 
 	MarkGUCPrefixReserved("jobloop");
 }

@@ -49,6 +49,10 @@ extern int	jobloop_max_state_size;		/* bytes */
 extern int	jobloop_max_request_size;	/* bytes */
 extern int	jobloop_idle_connection_timeout;	/* seconds */
 extern bool jobloop_start_paused;
+extern char *jobloop_ca_file;
+extern char *jobloop_client_cert;
+extern char *jobloop_client_key;
+extern char *jobloop_http2_prior_knowledge;
 
 /* ---- shared.c: shared memory between backends and workers ---- */
 #define CANCEL_QUEUE_SIZE	256
@@ -125,6 +129,16 @@ extern bool guard_address_allowed(const struct sockaddr *addr, const char *host,
 extern bool guard_check_allowed_hosts(char **newval, void **extra, GucSource source);
 extern void guard_assign_allowed_hosts(const char *newval, void *extra);
 
+/* ---- tls.c: the settings of TLS and HTTP/2 ---- */
+extern bool tls_check_ca_file(char **newval, void **extra, GucSource source);
+extern bool tls_check_client_cert(char **newval, void **extra, GucSource source);
+extern bool tls_check_client_key(char **newval, void **extra, GucSource source);
+extern bool tls_check_prior_knowledge(char **newval, void **extra, GucSource source);
+extern void tls_assign_prior_knowledge(const char *newval, void *extra);
+extern bool tls_prior_knowledge_any(void);
+extern bool tls_prior_knowledge(const char *host, int port);
+extern char *tls_settings_signature(void);
+
 /* ---- request.c: request JSON -> HttpRequest; transfer -> response JSON ---- */
 typedef struct HttpRequest
 {
@@ -181,6 +195,7 @@ extern Transfer *http_next_finished(void **owner, HttpResult *result);
 extern void http_done(Transfer *xfer);
 extern int	http_in_flight(void);
 extern bool http_close_idle(TimestampTz now);
+extern void http_settings_reloaded(void);
 
 /* ---- kinds.c: the worker's cache of jobloop.kind ---- */
 typedef struct Kind

@@ -141,6 +141,8 @@ reload_config_if_asked(void)
 	{
 		ConfigReloadPending = false;
 		ProcessConfigFile(PGC_SIGHUP);
+		/* certificates replaced, at the same path or not: new connections */
+		http_settings_reloaded();
 	}
 }
 
