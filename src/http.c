@@ -1111,7 +1111,8 @@ describe_tls_failure(Transfer *xfer, CURLcode code)
 	else
 		text = psprintf("TLS: %s", reason);
 	if (code == CURLE_SSL_CACERT_BADFILE)
-		text = psprintf("%s (jobloop.ca_file)", text);
+		text = psprintf("%s (%s)", text, jobloop_ca_file[0] != '\0' ? "jobloop.ca_file" :
+						"jobloop.ca_file is empty: the system's CA certificates");
 	else if (code == CURLE_SSL_CERTPROBLEM)
 		text = psprintf("%s (jobloop.client_cert, jobloop.client_key)", text);
 	if (origin)
