@@ -104,6 +104,7 @@ static int	n_failed = 0;
 static int	n_retries = 0;
 static double claim_ms = -1;
 static TimestampTz next_reap = 0;	/* see batch_run */
+static TimestampTz next_fold = 0;	/* see batch_run */
 
 #define RETENTION_BATCH			1000
 #define CLAIM_TURN_RETRY_MS		20
@@ -861,6 +862,12 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 	}
 	if (want_claim)
 		claim(now);
+	/* last, so that the counts' rows are locked only while this commits */
+	if (now >= next_fold)
+	{
+		store_fold_counts();
+		next_fold = now + USECS_PER_SEC;
+	}
 
 	{
 		TimestampTz start = GetCurrentTimestamp();

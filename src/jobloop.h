@@ -26,7 +26,7 @@
 
 #include "compat.h"
 
-#define JOBLOOP_VERSION		"0.3.0"
+#define JOBLOOP_VERSION		"0.4.0"
 #define JOBLOOP_CHANNEL		"jobloop"
 #define JOBLOOP_MAX_WORKERS	64
 #define ENDPOINT_LEN		128		/* longest endpoint (host:port or rate_key) + 1 */
@@ -121,6 +121,7 @@ extern int	shared_take_cancels(int worker, int64 *ids, int max, bool *overflow);
  */
 #define JOBLOOP_LOCK_KEY			0x6A6C6F6F	/* "jloo" */
 #define JOBLOOP_LOCK_CLAIM_TURN		1
+#define JOBLOOP_LOCK_COUNT_FOLD		2
 
 /* ---- guard.c: which addresses outbound HTTP may reach ---- */
 struct sockaddr;
@@ -277,6 +278,7 @@ extern int	store_reap_expired(int64 *held_ids, int nheld);
 extern void store_release(int64 *ids, int n);
 extern int64 *store_held_ids(int *n);
 extern int	store_delete_expired(int limit);
+extern void store_fold_counts(void);
 extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
 typedef enum ExtensionState
 {

@@ -2,7 +2,7 @@
 -- on a database a worker serves.
 \ir lib.psql
 
-SELECT plan(11);
+SELECT plan(13);
 
 -- A kind of its own for each run, so that a re-run counts afresh.
 SELECT 'observability_fail_' || left(jltest.tag(), 12) AS fail_kind \gset
@@ -39,6 +39,21 @@ SELECT is(workers, current_setting('jobloop.workers')::bigint, 'stats: the worke
 SELECT ok(completed >= 2 AND failed >= 1, 'stats: jobs by status') FROM jobloop.stats;
 SELECT is(completed, (SELECT count(*) FROM jobloop.jobs WHERE status = 'completed'), 'stats.completed counts completed jobs')
   FROM jobloop.stats;
+
+-- stats counts by status from counters the workers keep (jobloop.job_count): the same
+-- as counting, in one snapshot, and the workers fold the changes into job_count.
+SELECT ok(s.pending = c.pending AND s.running = c.running AND s.completed = c.completed
+          AND s.failed = c.failed AND s.cancelled = c.cancelled,
+          'stats: every status counted as count(*) counts it')
+  FROM jobloop.stats s,
+       (SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+               count(*) FILTER (WHERE status = 'running') AS running,
+               count(*) FILTER (WHERE status = 'completed') AS completed,
+               count(*) FILTER (WHERE status = 'failed') AS failed,
+               count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+          FROM jobloop.jobs) c;
+SELECT ok(jltest.eventually($$SELECT NOT EXISTS (SELECT FROM jobloop.job_count_change)$$, '45 s'),
+          'the workers fold the changes of the counts (at the latest at their next heartbeat)');
 
 SELECT results_eq(format($$SELECT failed, last_error FROM jobloop.errors WHERE kind = %L$$, :'fail_kind'),
                   $$VALUES (1::bigint, 'HTTP 503 Service Unavailable after 1 attempts')$$,

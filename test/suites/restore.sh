@@ -42,7 +42,7 @@ q() {       # q DB SQL: one value
 jl_cluster_start "jobloop.database = 'jobloop, jl_copy'" "jobloop.workers = 1" \
     "jobloop.lease_timeout = '1h'" >&2 || tap_bail "could not start a cluster"
 jl_mock_start >&2 || tap_bail "could not start the mock API"
-tap_plan 14
+tap_plan 15
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-restore.XXXXXX")
 jl_on_exit rm -rf -- "$work"
@@ -107,6 +107,18 @@ rc=0
 "$JL_PGBIN/pg_restore" -h "$PGHOST" -p "$PGPORT" -U postgres -d jl_copy "$work/jobloop.dump" \
     2>"$work/restore.err" || rc=$?
 tap_ok $rc "pg_restore into jl_copy, which worker 2 serves" "$(cat "$work/restore.err")"
+# jobloop.stats counts from counters that the restore's COPY of jobloop.job fills (its
+# triggers); compared with count(*) in one snapshot.
+tap_is "$(q jl_copy "SELECT format('%s/%s/%s/%s/%s', s.pending = c.pending, s.running = c.running,
+                                    s.completed = c.completed, s.failed = c.failed, s.cancelled = c.cancelled)
+                      FROM jobloop.stats s,
+                           (SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                                   count(*) FILTER (WHERE status = 'running') AS running,
+                                   count(*) FILTER (WHERE status = 'completed') AS completed,
+                                   count(*) FILTER (WHERE status = 'failed') AS failed,
+                                   count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+                              FROM jobloop.job) c")" "t/t/t/t/t" \
+    "jobloop.stats in the copy counts every status as count(*) does"
 
 # The restored job resumes at step 1: held by "worker 1" with an hour-long lease, which
 # jl_copy's worker (2) must not wait out.
