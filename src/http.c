@@ -1074,12 +1074,14 @@ tls_failure_permanent(CURLcode code, const char *errbuf)
 /*
  * "TLS: <libcurl's reason> (https://host:port)": the origin only, since a
  * path or query may carry credentials.  libcurl's "SSL certificate
- * problem: X" reads "certificate verify failed: X".
+ * problem: X" (7.x) and "SSL certificate OpenSSL verify result: X (n)"
+ * (recent 8.x) read "certificate verify failed: X".
  */
 static char *
 describe_tls_failure(Transfer *xfer, CURLcode code)
 {
 	static const char verify_prefix[] = "SSL certificate problem: ";
+	static const char verify_prefix_8[] = "SSL certificate OpenSSL verify result: ";	/* 8.x */
 	const char *reason = xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code);
 	char	   *url = NULL;
 	char	   *origin = NULL;
@@ -1108,6 +1110,15 @@ describe_tls_failure(Transfer *xfer, CURLcode code)
 		curl_url_cleanup(u);
 	if (strncmp(reason, verify_prefix, sizeof(verify_prefix) - 1) == 0)
 		text = psprintf("TLS: certificate verify failed: %s", reason + sizeof(verify_prefix) - 1);
+	else if (strncmp(reason, verify_prefix_8, sizeof(verify_prefix_8) - 1) == 0)
+	{
+		/* "... verify result: certificate has expired (10)": without the number */
+		const char *what = reason + sizeof(verify_prefix_8) - 1;
+		const char *paren = strrchr(what, '(');
+		int			len = paren && paren > what ? (int) (paren - what - 1) : (int) strlen(what);
+
+		text = psprintf("TLS: certificate verify failed: %.*s", len, what);
+	}
 	else
 		text = psprintf("TLS: %s", reason);
 	if (code == CURLE_SSL_CACERT_BADFILE)
