@@ -22,6 +22,10 @@
 #   BENCH_CELL_TIMEOUT=60      seconds past a cell's hard end (2 x BENCH_SECONDS + 10 s, when
 #                              its jobs stop stepping) after which the rest is cancelled
 #   BENCH_OUT=bench/results    where results go
+#   BENCH_SCHEME=http          https: the calls go to the TLS mock (scripts/lib.sh's
+#                              jl_mock_tls) over HTTPS, verified against its throw-away CA
+#                              (jobloop.ca_file), HTTP/1.1 with keep-alive ...
+#   BENCH_HTTP2=0              ... or, with 1, HTTP/2 (ALPN), multiplexed
 #   JL_KEEP=1                  keep the cluster and the mock running afterwards
 
 set -euo pipefail
@@ -44,6 +48,10 @@ BENCH_LANG=${BENCH_LANG:-plpgsql}
 BENCH_WORKERS=${BENCH_WORKERS:-2}
 BENCH_PGSS=${BENCH_PGSS:-0}
 BENCH_CELL_TIMEOUT=${BENCH_CELL_TIMEOUT:-60}
+BENCH_SCHEME=${BENCH_SCHEME:-http}
+BENCH_HTTP2=${BENCH_HTTP2:-0}
+[[ "$BENCH_SCHEME" == http || "$BENCH_SCHEME" == https ]] || jl_die "BENCH_SCHEME is http or https"
+[[ "$BENCH_HTTP2" == 0 || "$BENCH_SCHEME" == https ]] || jl_die "BENCH_HTTP2=1 needs BENCH_SCHEME=https"
 TENANTS=50            # jobs are spread over this many tenants (fair claiming is on the path)
 K_MIN=10              # at least this many steps per job, to reach a steady state
 
@@ -85,8 +93,24 @@ fi
 
 jl_install_deps gnuplot-nox python3
 jl_build
-jl_cluster_start "${settings[@]}"
-jl_mock_start
+if [[ "$BENCH_SCHEME" == https ]]; then
+    # The TLS mock first: the cluster's settings name its CA.  Its access log has fields
+    # of its own (test/mock/nginx-tls.conf.in): key, request time and status are read
+    # from those positions below.
+    jl_mock_tls
+    settings+=("jobloop.ca_file = '$JL_TLS_CERTS/ca.crt'")
+    mock_port=$JL_TLS_PORT_H1
+    [[ "$BENCH_HTTP2" == 1 ]] && mock_port=$JL_TLS_PORT_H2
+    MOCK_URL=https://127.0.0.1:$mock_port MOCK_LOG=$JL_TLS_LOG MOCK_DIR=$JL_TLS_DIR
+    LOG_KEY=11 LOG_RT=12 LOG_STATUS=10
+    jl_cluster_start "${settings[@]}"
+else
+    jl_cluster_start "${settings[@]}"
+    jl_mock_start
+    mock_port=$JL_MOCK_PORT
+    MOCK_URL=$JL_MOCK_URL MOCK_LOG=$JL_MOCK_LOG MOCK_DIR=$JL_MOCK_DIR
+    LOG_KEY=8 LOG_RT=9 LOG_STATUS=6
+fi
 
 psql_bench() { jl_psql -d bench "$@"; }
 
@@ -95,7 +119,8 @@ jl_psql -v lang="$BENCH_LANG" -f "$BENCH/kind.sql" >/dev/null
 [[ "$BENCH_PGSS" == 1 ]] && jl_psql -c "CREATE EXTENSION pg_stat_statements"
 # The analysis runs in its own database, between cells, never during one.
 jl_psql -d postgres -c "CREATE DATABASE bench"
-psql_bench -c "CREATE UNLOGGED TABLE bench_req (t_end float8, rt float8, status int, job bigint, step int)"
+# job: the Idempotency-Key without its step, "jobloop-<key token>" since 0.3.0.
+psql_bench -c "CREATE UNLOGGED TABLE bench_req (t_end float8, rt float8, status int, job text, step int)"
 
 mapfile -t worker_pids < <(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'jobloop worker' ORDER BY pid")
 (( ${#worker_pids[@]} == BENCH_WORKERS )) \
@@ -106,6 +131,7 @@ mapfile -t worker_pids < <(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE 
     echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "$("$JL_PGBIN/postgres" --version); business logic in $BENCH_LANG; $TENANTS tenants"
     echo "settings: ${settings[*]}"
+    echo "API: $MOCK_URL ($BENCH_SCHEME$([[ "$BENCH_HTTP2" == 1 ]] && echo ", HTTP/2"))"
     jl_psql -Atc "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name)
                     FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method',
                          'shared_buffers', 'jobloop.max_in_flight', 'jobloop.workers',
@@ -134,7 +160,7 @@ sched_ns() { cat "/proc/$1/schedstat"; }
 # The mock's nginx worker processes (the children of its master).
 mock_pids() {
     local master f stat
-    master=$(cat "$JL_MOCK_DIR/nginx.pid")
+    master=$(cat "$MOCK_DIR/nginx.pid")
     for f in /proc/[0-9]*/stat; do
         stat=$(cat "$f" 2>/dev/null) || continue
         stat=${stat##*) }
@@ -174,23 +200,26 @@ workers_runq_ns() {
     echo "$t"
 }
 
+# Established connections from the workers to the mock.
+mock_connections() { ss -Htn state established "( dport = :$mock_port )" | wc -l; }
+
 # Steps/s a cell can hope for: N/L, or for L=0 a guess that the previous L=0 cell refines.
 rate_guess_l0=15000
 
 csv=$OUT/matrix.csv
-echo "n,l_ms,k,jobs,steps,window_s,all_in_flight,steps_per_s,overall_steps_per_s,limit,ratio,ovh_p50_ms,ovh_p99_ms,ovh_max_ms,cpu_s,cpu_s_per_1k,cpu_pct,rss_peak_mb,anon_peak_mb,failed,retries,non200,unfinished,wall_s,runq_pct,mock_cpu_pct,load1,cpu_ceiling" >"$csv"
+echo "n,l_ms,k,jobs,steps,window_s,all_in_flight,steps_per_s,overall_steps_per_s,limit,ratio,ovh_p50_ms,ovh_p99_ms,ovh_max_ms,cpu_s,cpu_s_per_1k,cpu_pct,rss_peak_mb,anon_peak_mb,failed,retries,non200,unfinished,wall_s,runq_pct,mock_cpu_pct,load1,cpu_ceiling,conn_peak" >"$csv"
 
 run_cell() {
     local n=$1 l=$2 url guess k cpu0 cpu1 off t0 t1 now deadline unfinished steps
     local anon_max=0 anon hwm failed retries0 retries1 wall metrics limit ratio line
     local rq0 rq1 mock mock0 mock1 load1
-    local last_print=0 label
+    local last_print=0 label conn conn_max=0
 
     if [[ "$l" == 0 ]]; then
-        url="$JL_MOCK_URL/json?n="
+        url="$MOCK_URL/json?n="
         guess=$rate_guess_l0
     else
-        url="$JL_MOCK_URL/delay?s=$l&n="
+        url="$MOCK_URL/delay?s=$l&n="
         guess=$(calc "($n / $l < $rate_guess_l0) ? $n / $l : $rate_guess_l0")
     fi
     # K steps per job so that the cell lasts about BENCH_SECONDS at the guessed rate.
@@ -204,7 +233,7 @@ run_cell() {
     for p in "${worker_pids[@]}"; do
         echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true        # VmHWM := VmRSS
     done
-    off=$(stat -c %s "$JL_MOCK_LOG")
+    off=$(stat -c %s "$MOCK_LOG")
     cpu0=$(sum_ticks "${worker_pids[@]}")
     rq0=$(workers_runq_ns)
     mapfile -t mock < <(mock_pids)
@@ -228,6 +257,8 @@ SQL
         sleep 1
         anon=$(workers_max_kb RssAnon)
         (( anon > anon_max )) && anon_max=$anon
+        conn=$(mock_connections)
+        (( conn > conn_max )) && conn_max=$conn
         IFS='|' read -r unfinished steps < <(jl_psql -Atc "
             SELECT (SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')),
                    (SELECT coalesce(sum(step), 0) FROM jobloop.job)")
@@ -277,10 +308,10 @@ SQL
     fi
 
     # This cell's access-log lines -> bench_req (time, request time, status, job, step).
-    tail -c +$(( off + 1 )) "$JL_MOCK_LOG" | awk '
-        $8 ~ /^"jobloop-/ {
-            key = $8; gsub(/"/, "", key); m = split(key, p, "-")
-            printf "%s\t%s\t%s\t%s\t%s\n", $1, $9, $6, p[m - 1], p[m]
+    tail -c +$(( off + 1 )) "$MOCK_LOG" | awk -v k="$LOG_KEY" -v rt="$LOG_RT" -v st="$LOG_STATUS" '
+        $k ~ /^"jobloop-/ {
+            key = $k; gsub(/"/, "", key); m = split(key, p, "-")
+            printf "%s\t%s\t%s\t%s\t%s\n", $1, $rt, $st, substr(key, 1, length(key) - length(p[m]) - 1), p[m]
         }' >"$OUT/cell.tsv"
     psql_bench -q -c "TRUNCATE bench_req" -c "\\copy bench_req FROM '$OUT/cell.tsv'"
     # Kept for a closer look: one line per request (t_end, request_time, status, job, step).
@@ -302,7 +333,7 @@ SQL
     if [[ "$l" == 0 && -n "$sps" ]]; then
         rate_guess_l0=$sps
     fi
-    echo "$n,$(calc "$l * 1000"),$k,$n,$steps,$window,$ok,$sps,$overall,$limit,$ratio,$p50,$p99,$pmax,$(calc "($cpu1 - $cpu0) / $CLK_TCK"),$(calc "int(1e6 * ($cpu1 - $cpu0) / $CLK_TCK / ($steps > 0 ? $steps : 1) + 0.5) / 1000"),$(calc "int(100 * ($cpu1 - $cpu0) / $CLK_TCK / $wall + 0.5)"),$(calc "int($hwm / 1024 + 0.5)"),$(calc "int($anon_max / 1024 + 0.5)"),$failed,$(( retries1 - retries0 )),$non200,$unfinished,$wall,$(calc "int(($rq1 - $rq0) / 1e7 / $wall + 0.5)"),$(calc "int(100 * ($mock1 - $mock0) / $CLK_TCK / $wall + 0.5)"),$load1,$(calc "(($cpu1 - $cpu0) > 0) ? int($steps * $CLK_TCK / ($cpu1 - $cpu0) + 0.5) : 0")" >>"$csv"
+    echo "$n,$(calc "$l * 1000"),$k,$n,$steps,$window,$ok,$sps,$overall,$limit,$ratio,$p50,$p99,$pmax,$(calc "($cpu1 - $cpu0) / $CLK_TCK"),$(calc "int(1e6 * ($cpu1 - $cpu0) / $CLK_TCK / ($steps > 0 ? $steps : 1) + 0.5) / 1000"),$(calc "int(100 * ($cpu1 - $cpu0) / $CLK_TCK / $wall + 0.5)"),$(calc "int($hwm / 1024 + 0.5)"),$(calc "int($anon_max / 1024 + 0.5)"),$failed,$(( retries1 - retries0 )),$non200,$unfinished,$wall,$(calc "int(($rq1 - $rq0) / 1e7 / $wall + 0.5)"),$(calc "int(100 * ($mock1 - $mock0) / $CLK_TCK / $wall + 0.5)"),$load1,$(calc "(($cpu1 - $cpu0) > 0) ? int($steps * $CLK_TCK / ($cpu1 - $cpu0) + 0.5) : 0"),$conn_max" >>"$csv"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -393,14 +424,15 @@ report() {
     awk -F, 'NR == 1 { next }
         function f(v, fmt) { return v == "" ? "-" : sprintf(fmt, v) }
         BEGIN {
-            printf "%6s %5s %5s %7s %8s %7s %6s %7s %7s %7s %7s %5s %5s %5s %6s %6s %6s %7s\n",
+            printf "%6s %5s %5s %7s %8s %7s %6s %7s %7s %7s %7s %5s %5s %5s %6s %6s %6s %7s %6s\n",
                 "N", "L ms", "K", "steps", "steps/s", "N/L", "ratio", "ovh p50", "ovh p99",
-                "CPU/1k", "ceil/s", "CPU%", "runq%", "mock%", "RSS MB", "anonMB", "failed", "retries"
+                "CPU/1k", "ceil/s", "CPU%", "runq%", "mock%", "RSS MB", "anonMB", "failed", "retries",
+                "conns"
         }
         {
-            printf "%6s %5s %5s %7s %8s %7s %6s %7s %7s %7s %7s %5s %5s %5s %6s %6s %6s %7s%s\n",
+            printf "%6s %5s %5s %7s %8s %7s %6s %7s %7s %7s %7s %5s %5s %5s %6s %6s %6s %7s %6s%s\n",
                 $1, $2, $3, $5, $8, f($10, "%.0f"), f($11, "%.2f"), f($12, "%.0f"), f($13, "%.0f"),
-                f($16, "%.3f"), $28, $17, $25, $26, $18, $19, $20, $21,
+                f($16, "%.3f"), $28, $17, $25, $26, $18, $19, $20, $21, $29,
                 ($23 > 0 ? "  (" $23 " unfinished)" : "") ($7 == "f" ? "  *" : "")
         }' "$csv"
     echo "steps/s: steady state, all N jobs in flight (bench/analyze_cell.sql); ratio = steps/s / (N/L);"
@@ -409,7 +441,7 @@ report() {
     echo "cost (1000 / CPU/1k); CPU%: workers on a CPU (added up); runq%: workers runnable but waiting"
     echo "for a CPU (other load); mock%: nginx's CPU; RSS: largest worker's peak resident (VmHWM, includes the"
     echo "shared buffers it touched); anonMB: largest worker's peak private memory; failed jobs; retries:"
-    echo "transport/5xx retries."
+    echo "transport/5xx retries; conns: peak established connections from the workers to the API."
     if grep -q ',f,' "$csv"; then
         echo "* the jobs were never all in flight at once: steps/s over the middle 80% of the run"
     fi
