@@ -90,6 +90,7 @@ struct Transfer
 	bool		headers_too_large;	/* the header block passed MAX_HEADER_BYTES */
 	bool		refused;
 	char		refused_reason[200];
+	CURLSH	   *share;			/* the share its easy handle uses */
 	CURLcode	setup_error;	/* an option libcurl refused; see http_start */
 	const char *setup_option;
 	char		errbuf[CURL_ERROR_SIZE];
@@ -528,7 +529,8 @@ http_settings_reloaded(void)
 		{
 			/* spare handles would keep it in use until they run again */
 			for (Transfer *x = free_transfers; x; x = x->next_free)
-				(void) curl_easy_setopt(x->easy, CURLOPT_SHARE, NULL);
+				if (curl_easy_setopt(x->easy, CURLOPT_SHARE, NULL) == CURLE_OK)
+					x->share = NULL;
 			if (nretired_shares == MAX_RETIRED_SHARES)
 				cleanup_retired_shares();
 			if (nretired_shares < MAX_RETIRED_SHARES)
@@ -670,7 +672,8 @@ configure_tls(Transfer *xfer, const HttpRequest *req)
 		if (jobloop_client_key[0] != '\0')
 			SET(CURLOPT_SSLKEY, jobloop_client_key);
 	}
-	SET(CURLOPT_SHARE, current_share());
+	xfer->share = current_share();
+	SET(CURLOPT_SHARE, xfer->share);
 	SET(CURLOPT_HTTP_VERSION,
 		prior_knowledge ? (long) CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE : (long) CURL_HTTP_VERSION_2TLS);
 	if (prior_knowledge && prior_knowledge_reuse_broken)
@@ -1331,6 +1334,10 @@ http_done(Transfer *xfer)
 	xfer->head = NULL;
 	xfer->head_cap = 0;
 	xfer->owner = NULL;
+	/* a share retired meanwhile: let it go (see "TLS and HTTP/2") */
+	if (xfer->share != NULL && xfer->share != share &&
+		curl_easy_setopt(xfer->easy, CURLOPT_SHARE, NULL) == CURLE_OK)
+		xfer->share = NULL;
 	xfer->next_free = free_transfers;
 	free_transfers = xfer;
 }
