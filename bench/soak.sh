@@ -266,6 +266,19 @@ rm -f "$OUT/.chunk"
 
 jl_psql -At -c "SELECT status, count(*) FROM jobloop.job GROUP BY 1 ORDER BY 1" >"$OUT/final_status.txt" || true
 jl_psql -At -c "SELECT submitted, cancelled, calls FROM soak.progress" >>"$OUT/final_status.txt" || true
+# jobloop.stats (counters kept through every crash restart, 0.4.0) against count(*)
+jl_psql -At -c "SELECT 'stats ' || format('%s/%s/%s/%s/%s', s.pending, s.running, s.completed, s.failed, s.cancelled)
+                       || CASE WHEN (s.pending, s.running, s.completed, s.failed, s.cancelled)
+                                    = (c.pending, c.running, c.completed, c.failed, c.cancelled)
+                               THEN ' = count(*)' ELSE ' <> count(*) ' || format('%s/%s/%s/%s/%s',
+                                    c.pending, c.running, c.completed, c.failed, c.cancelled) END
+                  FROM jobloop.stats s,
+                       (SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                               count(*) FILTER (WHERE status = 'running') AS running,
+                               count(*) FILTER (WHERE status = 'completed') AS completed,
+                               count(*) FILTER (WHERE status = 'failed') AS failed,
+                               count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+                          FROM jobloop.job) c" >>"$OUT/final_status.txt" 2>/dev/null || true
 gzip -c "$JL_PGLOG" >"$OUT/server.log.gz"
 
 # ---------------------------------------------------------------------------------------
