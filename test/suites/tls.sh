@@ -29,6 +29,7 @@
 #   h2c        jobloop.http2_prior_knowledge: plain HTTP/2 to a listed host:port
 #   goaway     a server that sends GOAWAY every third request: every job completes with
 #              its exact number of steps, each step's Idempotency-Key seen
+#   limits     an endpoint's max_concurrency holds over HTTP/2 as over HTTP/1.1
 #
 # Every wait is a deadline on a condition.  Settings change through an included file,
 # tls.conf, that each step rewrites, with a marker setting as in guard.sh.
@@ -50,7 +51,7 @@ t_start=$SECONDS
 jl_cluster_start "jobloop.workers = 1" "include_if_exists = 'tls.conf'" >&2 \
     || tap_bail "could not start a cluster"
 jl_mock_tls >&2 || tap_bail "could not start the TLS mock API"
-tap_plan 48
+tap_plan 50
 
 CERTS=$JL_TLS_CERTS
 TRUST=$CERTS/trust.pem      # what jobloop.ca_file names; replaced in place by "reload"
@@ -347,6 +348,18 @@ tap_is "$(log_of goaway | awk '$10 == 200 { print $11 }' | sort -u | wc -l)" 180
 c=$(connections goaway)
 (( c >= 60 )) && s=0 || s=1
 tap_ok "$s" "goaway: the server closed connections as configured: at least 60 for 180 requests (have $c)"
+
+# ==== limits: unchanged over HTTP/2 ========================================================
+q "SELECT jobloop.set_limit('127.0.0.1:$JL_TLS_PORT_H2', max_concurrency => 4)" >/dev/null
+run h2limit 1 "$H:$JL_TLS_PORT_H2/delay?s=0.3" 20
+tap_sql_ok "limits: 20 jobs over HTTP/2 to an endpoint with max_concurrency 4 complete" \
+    "SELECT count(*) = 20 AND bool_and(status = 'completed')
+       FROM jobloop.jobs WHERE state->>'tag' = 'h2limit'" "$(outcomes_sql h2limit)"
+# the most requests nginx had in progress at once (start = end - \$request_time)
+overlap=$(log_of h2limit | awk '{ printf "%.3f 1\n%.3f -1\n", $1 - $12, $1 }' | sort -k1,1n -k2,2n \
+          | awk '{ c += $2; if (c > m) m = c } END { print m + 0 }')
+(( overlap >= 1 && overlap <= 4 )) && s=0 || s=1
+tap_ok "$s" "limits: at most 4 of them were in progress at once over the multiplexed connection (have $overlap)"
 
 # ==== the worker is fine ===================================================================
 tap_sql_ok "the same worker (pid $WORKERS0) is still running" \
