@@ -581,7 +581,15 @@ process_response(HeldJob *job, TimestampTz now)
 		retryable = true;
 	}
 
-	job->transport_failed = res->curl_code != 0 && !res->permanent && !res->too_large;
+	/*
+	 * The retry gets a new connection after a connection went wrong, not
+	 * after a timeout: libcurl closes an HTTP/1.1 connection whose response
+	 * was cut short anyway, and an HTTP/2 stream that timed out leaves its
+	 * connection in good order for the other streams -- a new connection per
+	 * retry there turned an overloaded moment into thousands of handshakes.
+	 */
+	job->transport_failed = res->curl_code != 0 && !res->permanent && !res->too_large &&
+		!res->timed_out;
 	a.result = res;
 	if (error != NULL)
 	{

@@ -139,11 +139,12 @@ static Transfer *failed_transfers = NULL;	/* could not start; reported as finish
  * those it refused by itself); they are retried like any transport error.
  */
 #define MAX_STREAMS			TRANSFERS_PER_SHARD	/* per connection; one shard's worth */
-#define MAX_RETIRED_SHARES	16
+#define CA_CACHE_SECONDS	(24L * 60 * 60)	/* a changed file retires the cache */
 
 static CURLSH *share = NULL;	/* NULL: not made yet (or could not be) */
-static CURLSH *retired_shares[MAX_RETIRED_SHARES];
+static CURLSH **retired_shares = NULL;	/* in TopMemoryContext; grows */
 static int	nretired_shares = 0;
+static int	max_retired_shares = 0;
 static char *tls_signature = NULL;	/* malloc'd; what the shards were made with */
 
 /*
@@ -463,6 +464,32 @@ pick_shard(void)
 	return shard;
 }
 
+/*
+ * libcurl's default CA bundle ("" if it has none, or cannot say): what
+ * https requests trust while jobloop.ca_file is empty, so tls.c's reload
+ * signature follows that file too (update-ca-certificates, then a reload).
+ */
+const char *
+http_default_ca_file(void)
+{
+	static char *path = NULL;
+
+	if (path == NULL)
+	{
+		CURL	   *e = curl_easy_init();
+		char	   *p = NULL;
+
+#if LIBCURL_VERSION_NUM >= 0x075400	/* 7.84.0 */
+		if (e == NULL || curl_easy_getinfo(e, CURLINFO_CAINFO, &p) != CURLE_OK)
+			p = NULL;
+#endif
+		path = MemoryContextStrdup(TopMemoryContext, p ? p : "");
+		if (e != NULL)
+			curl_easy_cleanup(e);
+	}
+	return path;
+}
+
 /* The share of the current TLS settings; NULL if libcurl cannot make one. */
 static CURLSH *
 current_share(void)
@@ -528,17 +555,39 @@ http_settings_reloaded(void)
 		if (share != NULL)
 		{
 			/* spare handles would keep it in use until they run again */
-			for (Transfer *x = free_transfers; x; x = x->next_free)
-				if (curl_easy_setopt(x->easy, CURLOPT_SHARE, NULL) == CURLE_OK)
-					x->share = NULL;
-			if (nretired_shares == MAX_RETIRED_SHARES)
-				cleanup_retired_shares();
-			if (nretired_shares < MAX_RETIRED_SHARES)
+			Transfer  **link = &free_transfers;
+
+			while (*link)
 			{
-				retired_shares[nretired_shares++] = share;
-				share = NULL;
+				Transfer   *x = *link;
+
+				if (x->share == NULL || curl_easy_setopt(x->easy, CURLOPT_SHARE, NULL) == CURLE_OK)
+				{
+					x->share = NULL;
+					link = &x->next_free;
+				}
+				else
+				{
+					/* a handle that will not let go of the share: do without it */
+					*link = x->next_free;
+					curl_easy_cleanup(x->easy);
+					free(x);
+				}
 			}
-			/* else (reloads faster than calls end): keep it; sessions then survive */
+			/*
+			 * Every retired share is kept until its last transfer ends, however
+			 * many reloads come first: a session of the old settings must not
+			 * be resumed (resuming skips the certificate check).
+			 */
+			if (nretired_shares == max_retired_shares)
+			{
+				max_retired_shares = Max(16, max_retired_shares * 2);
+				retired_shares = retired_shares == NULL
+					? MemoryContextAlloc(TopMemoryContext, max_retired_shares * sizeof(CURLSH *))
+					: repalloc(retired_shares, max_retired_shares * sizeof(CURLSH *));
+			}
+			retired_shares[nretired_shares++] = share;
+			share = NULL;
 		}
 		cleanup_retired_shares();
 		elog(LOG, "jobloop: TLS or HTTP/2 settings changed; %d shard(s) of connections "
@@ -663,14 +712,34 @@ configure_tls(Transfer *xfer, const HttpRequest *req)
 	}
 	SET(CURLOPT_SSL_VERIFYPEER, 1L);
 	SET(CURLOPT_SSL_VERIFYHOST, 2L);
+
+	/*
+	 * The CAs are one bundle file: jobloop.ca_file, or libcurl's default
+	 * bundle.  No CA directory: Debian's libcurl also names /etc/ssl/certs,
+	 * whose CAs OpenSSL would trust beside jobloop.ca_file (a private CA
+	 * would not replace the public ones), and with a directory set libcurl
+	 * keeps no CA cache, so every new connection parsed the whole bundle
+	 * again in the worker (17.7 ms of CPU per connection with Debian's).
+	 * The cache lives in the shard's multi handle; a reload that changes the
+	 * file retires the shards (see "TLS and HTTP/2").
+	 */
 	if (jobloop_ca_file[0] != '\0')
 		SET(CURLOPT_CAINFO, jobloop_ca_file);
+	SET(CURLOPT_CAPATH, NULL);
+#if LIBCURL_VERSION_NUM >= 0x075700	/* 7.87.0 */
+	SET(CURLOPT_CA_CACHE_TIMEOUT, CA_CACHE_SECONDS);
+#endif
 	if (jobloop_client_cert[0] != '\0')
 	{
 		SET(CURLOPT_SSLCERT, jobloop_client_cert);
 		SET(CURLOPT_SSLCERTTYPE, "PEM");
 		if (jobloop_client_key[0] != '\0')
 			SET(CURLOPT_SSLKEY, jobloop_client_key);
+		/*
+		 * An encrypted key must fail, not make OpenSSL ask for its passphrase
+		 * on the server's terminal, which would stop the worker.
+		 */
+		SET(CURLOPT_KEYPASSWD, "");
 	}
 	xfer->share = current_share();
 	SET(CURLOPT_SHARE, xfer->share);
@@ -865,8 +934,18 @@ http_start(const HttpRequest *req, const char *idempotency_key, int default_time
 		xfer->setup_error = CURLE_FAILED_INIT;
 		xfer->setup_option = "curl_multi_add_handle";
 	}
-	elog(LOG, "jobloop could not start a request: libcurl refused %s: %s",
-		 xfer->setup_option, curl_easy_strerror(xfer->setup_error));
+	if (strncmp(xfer->setup_option, "jobloop.", 8) != 0)
+		elog(LOG, "jobloop could not start a request: libcurl refused %s: %s",
+			 xfer->setup_option, curl_easy_strerror(xfer->setup_error));
+	else
+	{
+		/* a setting that cannot work: the job's last_error says it; the log once */
+		static bool said = false;
+
+		if (!said)
+			elog(LOG, "jobloop cannot make HTTPS requests: %s", xfer->setup_option);
+		said = true;
+	}
 	xfer->next_free = failed_transfers;
 	failed_transfers = xfer;
 	in_flight++;
@@ -1017,7 +1096,7 @@ static const char *const tls_refusals[] = {
 	"alert certificate unknown",
 	"alert unknown ca",
 	"alert access denied",
-	"alert unrecognized name",
+	"unrecognized name",			/* OpenSSL 3: "tlsv1 unrecognized name" */
 	"alert no application protocol",
 	"unsupported protocol",
 	"no protocols available",
@@ -1225,6 +1304,7 @@ take_result(Transfer *xfer, CURLcode code, void **owner, HttpResult *res)
 
 	memset(res, 0, sizeof(*res));
 	res->curl_code = (int) code;
+	res->timed_out = code == CURLE_OPERATION_TIMEDOUT;
 	res->headers = xfer->head;
 	res->headers_len = xfer->head_len;
 	res->body = xfer->body;

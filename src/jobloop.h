@@ -161,6 +161,7 @@ typedef struct HttpRequest
 typedef struct HttpResult
 {
 	int			curl_code;		/* CURLcode; 0 = a response arrived */
+	bool		timed_out;		/* no (whole) response within the timeout */
 	char	   *error;			/* transport error text, palloc'd */
 	long		status;
 	char	   *headers;		/* raw header block of the final response */
@@ -197,6 +198,7 @@ extern void http_done(Transfer *xfer);
 extern int	http_in_flight(void);
 extern bool http_close_idle(TimestampTz now);
 extern void http_settings_reloaded(void);
+extern const char *http_default_ca_file(void);
 
 /* ---- kinds.c: the worker's cache of jobloop.kind ---- */
 typedef struct Kind

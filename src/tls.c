@@ -23,6 +23,7 @@
 #include "miscadmin.h"
 
 #define PK_HOST_MAX		256		/* "[IPv6]" or a DNS name, with its NUL */
+#define PK_MAX_ENTRIES	1000	/* jobloop.http2_prior_knowledge entries */
 
 typedef struct PriorKnowledgeEntry
 {
@@ -220,8 +221,12 @@ tls_check_prior_knowledge(char **newval, void **extra, GucSource source)
 	Size		size;
 
 	for (const char *c = p; *c; c++)
-		if (*c == ',')
-			max++;
+		if (*c == ',' && ++max > PK_MAX_ENTRIES)
+		{
+			/* also keeps the allocation below small (a check hook may run in the postmaster) */
+			GUC_check_errdetail("The list has more than %d entries.", PK_MAX_ENTRIES);
+			return false;
+		}
 	size = offsetof(PriorKnowledgeList, entries) + max * sizeof(PriorKnowledgeEntry);
 	list = palloc0(size);
 	for (;;)
@@ -331,7 +336,7 @@ tls_settings_signature(void)
 	StringInfoData buf;
 
 	initStringInfo(&buf);
-	append_file(&buf, jobloop_ca_file);
+	append_file(&buf, jobloop_ca_file[0] != '\0' ? jobloop_ca_file : http_default_ca_file());
 	append_file(&buf, jobloop_client_cert);
 	append_file(&buf, jobloop_client_key);
 	appendStringInfoString(&buf, jobloop_http2_prior_knowledge ? jobloop_http2_prior_knowledge : "");

@@ -51,7 +51,7 @@ t_start=$SECONDS
 jl_cluster_start "jobloop.workers = 1" "include_if_exists = 'tls.conf'" >&2 \
     || tap_bail "could not start a cluster"
 jl_mock_tls >&2 || tap_bail "could not start the TLS mock API"
-tap_plan 50
+tap_plan 51
 
 CERTS=$JL_TLS_CERTS
 TRUST=$CERTS/trust.pem      # what jobloop.ca_file names; replaced in place by "reload"
@@ -272,6 +272,17 @@ probe_until failed "$H:$JL_TLS_PORT_H2/json" || true
 run keyonly 1 "$H:$JL_TLS_PORT_H2/json"
 fails_at_once "jobloop.client_key without jobloop.client_cert: failed at once, saying so" \
     keyonly "TLS: jobloop.client_key is set but jobloop.client_cert is not"
+
+# An encrypted client key: the job fails at once, naming the key (the worker never asks
+# for a passphrase: on a server started from a terminal, OpenSSL would wait on it).
+openssl pkey -in "$CERTS/client.key" -aes256 -passout pass:secret -out "$CERTS/client-enc.key" 2>/dev/null \
+    && chmod 0644 "$CERTS/client-enc.key"
+set_conf "jobloop.ca_file = '$TRUST'" "jobloop.client_cert = '$CERTS/client.crt'" \
+    "jobloop.client_key = '$CERTS/client-enc.key'" || tap_bail "the postmaster did not reload tls.conf"
+probe_until failed "$H:$JL_TLS_PORT_STRICT/" || true
+run enckey 1 "$H:$JL_TLS_PORT_STRICT/"
+fails_at_once "an encrypted jobloop.client_key: failed at once, naming the key file" \
+    enckey "TLS: %client-enc.key%"
 
 # A CA file that the worker cannot read (it was readable when set; then removed).
 cp "$CERTS/ca.crt" "$CERTS/gone.pem" && chmod 0644 "$CERTS/gone.pem"
