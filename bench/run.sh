@@ -14,6 +14,8 @@
 #   BENCH_N="100 1000 10000"   jobs in flight per cell
 #   BENCH_L="0 0.01 0.1 1"     API latency per cell, in seconds (0: the /json endpoint)
 #   BENCH_SECONDS=12           aimed-for length of one cell; K (steps per job) follows
+#   BENCH_K=                   steps per job in every cell, instead of what BENCH_SECONDS
+#                              implies (the end-to-end targets: K=20 at N=1000, K=10 at 10000)
 #   BENCH_SAMPLES=50           samples for each of the two latency measurements
 #   BENCH_LANG=plpgsql         business logic in plpgsql or sql (bench/kind.sql)
 #   BENCH_WORKERS=2            jobloop.workers (one per core of the 2-core target machine)
@@ -26,6 +28,11 @@
 #                              jl_mock_tls) over HTTPS, verified against its throw-away CA
 #                              (jobloop.ca_file), HTTP/1.1 with keep-alive ...
 #   BENCH_HTTP2=0              ... or, with 1, HTTP/2 (ALPN), multiplexed
+#   BENCH_PEER=auto            the reference peer (bench/peer_asyncio.py, two processes)
+#                              runs the same batch after jobloop's cell: auto = the L=0
+#                              cells and N=1000 at L=100 ms; 1 = every cell; 0 = never
+#                              (plain HTTP only)
+#   PEER_POOL=20               the peer's asyncpg pool size per process
 #   JL_KEEP=1                  keep the cluster and the mock running afterwards
 
 set -euo pipefail
@@ -50,6 +57,14 @@ BENCH_PGSS=${BENCH_PGSS:-0}
 BENCH_CELL_TIMEOUT=${BENCH_CELL_TIMEOUT:-60}
 BENCH_SCHEME=${BENCH_SCHEME:-http}
 BENCH_HTTP2=${BENCH_HTTP2:-0}
+BENCH_K=${BENCH_K:-}
+BENCH_PEER=${BENCH_PEER:-auto}
+PEER_POOL=${PEER_POOL:-20}
+[[ "$BENCH_PEER" == 0 || "$BENCH_PEER" == 1 || "$BENCH_PEER" == auto ]] || jl_die "BENCH_PEER is 0, 1 or auto"
+if [[ "$BENCH_SCHEME" == https && "$BENCH_PEER" != 0 ]]; then
+    [[ "$BENCH_PEER" == 1 ]] && jl_die "BENCH_PEER=1 needs BENCH_SCHEME=http"
+    BENCH_PEER=0
+fi
 [[ "$BENCH_SCHEME" == http || "$BENCH_SCHEME" == https ]] || jl_die "BENCH_SCHEME is http or https"
 [[ "$BENCH_HTTP2" == 0 || "$BENCH_SCHEME" == https ]] || jl_die "BENCH_HTTP2=1 needs BENCH_SCHEME=https"
 TENANTS=50            # jobs are spread over this many tenants (fair claiming is on the path)
@@ -86,12 +101,17 @@ settings=(
     "max_wal_size = 4GB"
     "checkpoint_timeout = 30min"
 )
+if [[ "$BENCH_PEER" != 0 ]] && (( 2 * PEER_POOL + 50 > 200 )); then
+    settings+=("max_connections = $(( 2 * PEER_POOL + 50 ))")     # the peer's two pools
+fi
 if [[ "$BENCH_PGSS" == 1 ]]; then
     settings+=("shared_preload_libraries = 'jobloop,pg_stat_statements'"
                "pg_stat_statements.track = all")
 fi
 
-jl_install_deps gnuplot-nox python3
+peer_deps=()
+[[ "$BENCH_PEER" != 0 ]] && peer_deps=(python3-aiohttp python3-asyncpg)
+jl_install_deps gnuplot-nox python3 "${peer_deps[@]}"
 jl_build
 if [[ "$BENCH_SCHEME" == https ]]; then
     # The TLS mock first: the cluster's settings name its CA.  Its access log has fields
@@ -122,6 +142,40 @@ jl_psql -d postgres -c "CREATE DATABASE bench"
 # job: the Idempotency-Key without its step, "jobloop-<key token>" since 0.3.0.
 psql_bench -c "CREATE UNLOGGED TABLE bench_req (t_end float8, rt float8, status int, job text, step int)"
 
+# The reference peer: its own database and table, two processes started once and kept
+# running across the matrix (as jobloop's workers are), idle between its cells.
+peer_pids=()
+peer_backends=()
+if [[ "$BENCH_PEER" != 0 ]]; then
+    jl_psql -d postgres -c "CREATE DATABASE peer"
+    jl_psql -d peer -q <<'SQL'
+CREATE TABLE peer_job (
+    id          bigserial PRIMARY KEY,
+    status      text NOT NULL DEFAULT 'pending',
+    state       jsonb NOT NULL,
+    step        integer NOT NULL DEFAULT 0,
+    worker      integer,
+    last_error  text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    started_at  timestamptz,
+    updated_at  timestamptz,
+    finished_at timestamptz
+);
+CREATE INDEX peer_job_pending_idx ON peer_job (id) WHERE status = 'pending';
+SQL
+    for i in 1 2; do
+        # /usr/bin/python3: Debian's aiohttp and asyncpg are installed for it (a python3
+        # earlier in PATH, e.g. pyenv's, would not see them).
+        /usr/bin/python3 "$BENCH/peer_asyncio.py" --dsn "postgresql://postgres@127.0.0.1:$PGPORT/peer" \
+            --worker "$i" --pool "$PEER_POOL" >"$OUT/peer_$i.log" 2>&1 </dev/null &
+        peer_pids+=("$!")
+        jl_on_exit kill "$!"
+    done
+    jl_wait_for 30 bash -c "grep -q '^ready' '$OUT/peer_1.log' && grep -q '^ready' '$OUT/peer_2.log'" \
+        || { cat "$OUT"/peer_*.log >&2; jl_die "the peer did not start"; }
+    mapfile -t peer_backends < <(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'peer worker %'")
+fi
+
 mapfile -t worker_pids < <(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'jobloop worker' ORDER BY pid")
 (( ${#worker_pids[@]} == BENCH_WORKERS )) \
     || jl_die "expected $BENCH_WORKERS jobloop workers, found: '${worker_pids[*]}'"
@@ -132,6 +186,7 @@ mapfile -t worker_pids < <(jl_psql -Atc "SELECT pid FROM pg_stat_activity WHERE 
     echo "$("$JL_PGBIN/postgres" --version); business logic in $BENCH_LANG; $TENANTS tenants"
     echo "settings: ${settings[*]}"
     echo "API: $MOCK_URL ($BENCH_SCHEME$([[ "$BENCH_HTTP2" == 1 ]] && echo ", HTTP/2"))"
+    [[ "$BENCH_PEER" != 0 ]] && echo "peer: bench/peer_asyncio.py, 2 processes, asyncpg pool $PEER_POOL each, API ${JL_MOCK_URL2:-}, cells: $BENCH_PEER"
     jl_psql -Atc "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name)
                     FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method',
                          'shared_buffers', 'jobloop.max_in_flight', 'jobloop.workers',
@@ -201,13 +256,89 @@ workers_runq_ns() {
 }
 
 # Established connections from the workers to the mock.
-mock_connections() { ss -Htn state established "( dport = :$mock_port )" | wc -l; }
+# The peer talks to the mock's second address, 127.0.0.2: not counted.
+mock_connections() { ss -Htn state established "( dport = :$mock_port and dst 127.0.0.1 )" | wc -l; }
 
 # Steps/s a cell can hope for: N/L, or for L=0 a guess that the previous L=0 cell refines.
 rate_guess_l0=15000
 
 csv=$OUT/matrix.csv
-echo "n,l_ms,k,jobs,steps,window_s,all_in_flight,steps_per_s,overall_steps_per_s,limit,ratio,ovh_p50_ms,ovh_p99_ms,ovh_max_ms,cpu_s,cpu_s_per_1k,cpu_pct,rss_peak_mb,anon_peak_mb,failed,retries,non200,unfinished,wall_s,runq_pct,mock_cpu_pct,load1,cpu_ceiling,conn_peak" >"$csv"
+echo "n,l_ms,k,jobs,steps,window_s,all_in_flight,steps_per_s,overall_steps_per_s,limit,ratio,ovh_p50_ms,ovh_p99_ms,ovh_max_ms,cpu_s,cpu_s_per_1k,cpu_pct,rss_peak_mb,anon_peak_mb,failed,retries,non200,unfinished,wall_s,runq_pct,mock_cpu_pct,load1,cpu_ceiling,conn_peak,submit_ms,e2e_s,ideal_s,e2e_ratio,e2e_steps_per_s,jobs_started,start_first_ms,start_p50_ms,start_last_ms,tail_ms,peer_steps,peer_e2e_s,peer_e2e_steps_per_s,peer_steps_per_s,peer_start_last_ms,peer_cpu_s_per_1k,peer_cpu_pct,peer_failed,jl_over_peer" >"$csv"
+
+# Does the peer run the cell (N, L)?  auto: the L=0 cells and N=1000 at L=100 ms.
+peer_wanted() {
+    [[ "$BENCH_PEER" == 1 ]] && return 0
+    [[ "$BENCH_PEER" == auto ]] || return 1
+    [[ "$2" == 0 ]] && return 0
+    [[ "$1" == 1000 && "$(calc "($2 == 0.1)")" == 1 ]]
+}
+
+# The same batch (N jobs of K steps at latency L, one INSERT statement) for the reference
+# peer; sets peer_part to its CSV fields (empty when it does not run the cell).
+run_peer_cell() {
+    local n=$1 l=$2 k=$3 url t0 until_s t_begin t_commit t_done off unfinished steps now
+    local deadline cpu0 cpu1 wall failed metrics e2e e2e_s pids label
+    peer_part=",,,,,,,,"
+    peer_wanted "$n" "$l" || return 0
+    if [[ "$l" == 0 ]]; then url="$JL_MOCK_URL2/json?n="; else url="$JL_MOCK_URL2/delay?s=$l&n="; fi
+    label=$(printf 'peer N=%s L=%sms K=%s' "$n" "$(calc "$l * 1000")" "$k")
+    jl_psql -d peer -q -c "TRUNCATE peer_job" -c "CHECKPOINT"
+    off=$(stat -c %s "$JL_MOCK_LOG2")
+    pids=("${peer_pids[@]}" "${peer_backends[@]}")
+    cpu0=$(sum_ticks "${pids[@]}")
+    t0=$(_jl_now_us)
+    until_s=$(( t0 / 1000000 + 2 * BENCH_SECONDS + 10 ))
+    read -r t_begin t_commit < <(jl_psql -d peer -At -v n="$n" -v k="$k" -v url="$url" -v until="$until_s" <<'SQL'
+SELECT extract(epoch FROM clock_timestamp()) AS t_begin \gset
+WITH ins AS (
+    INSERT INTO peer_job (state)
+    SELECT jsonb_build_object('url', :'url', 'n', 0, 'k', :k, 'until', :until)
+      FROM generate_series(1, :n)
+    RETURNING 1)
+SELECT count(*) AS submitted, pg_notify('peer_job', '') FROM ins \gset
+SELECT extract(epoch FROM clock_timestamp()) AS t_commit \gset
+\echo :t_begin :t_commit
+SQL
+)
+    deadline=$(( (until_s + BENCH_CELL_TIMEOUT) * 1000000 ))
+    while :; do
+        sleep 1
+        IFS='|' read -r unfinished steps < <(jl_psql -d peer -Atc "
+            SELECT count(*) FILTER (WHERE status IN ('pending', 'running')), coalesce(sum(step), 0)
+              FROM peer_job")
+        now=$(_jl_now_us)
+        $tty && printf '\r  %-33s %6.1fs  %8d steps  %6d jobs to go' "$label" \
+            "$(calc "($now - $t0) / 1e6")" "$steps" "$unfinished" >&2
+        (( unfinished == 0 )) && break
+        if (( now > deadline )); then
+            jl_log "$label: still $unfinished jobs unfinished ${BENCH_CELL_TIMEOUT}s after their end; left as they are"
+            break
+        fi
+    done
+    $tty && printf '\n' >&2
+    cpu1=$(sum_ticks "${pids[@]}")
+    wall=$(calc "($(_jl_now_us) - $t0) / 1e6")
+    IFS='|' read -r steps failed t_done < <(jl_psql -d peer -Atc "
+        SELECT coalesce(sum(step), 0), count(*) FILTER (WHERE status = 'failed'),
+               extract(epoch FROM max(finished_at)) FROM peer_job")
+    if (( failed > 0 )); then
+        jl_log "$label: $failed failed jobs; the most common reasons:"
+        jl_psql -d peer -c "SELECT last_error, count(*) FROM peer_job WHERE status = 'failed'
+                             GROUP BY 1 ORDER BY 2 DESC LIMIT 5" >&2
+    fi
+    tail -c +$(( off + 1 )) "$JL_MOCK_LOG2" | awk -v k="$LOG_KEY" -v rt="$LOG_RT" -v st="$LOG_STATUS" '
+        $k ~ /^"peer-/ {
+            key = $k; gsub(/"/, "", key); m = split(key, p, "-")
+            printf "%s\t%s\t%s\t%s\t%s\n", $1, $rt, $st, substr(key, 1, length(key) - length(p[m]) - 1), p[m]
+        }' >"$OUT/cell.tsv"
+    psql_bench -q -c "TRUNCATE bench_req" -c "\\copy bench_req FROM '$OUT/cell.tsv'"
+    gzip -c "$OUT/cell.tsv" >"$OUT/peer_requests_n${n}_l${l}.tsv.gz"
+    rm -f "$OUT/cell.tsv"
+    metrics=$(psql_bench -At -F, -f "$BENCH/analyze_cell.sql")
+    e2e=$(psql_bench -At -F, -v t_commit="$t_commit" -f "$BENCH/analyze_e2e.sql")
+    e2e_s=$(calc "$t_done - $t_commit")
+    peer_part="$steps,$(calc "int(1000 * $e2e_s + 0.5) / 1000"),$(calc "int($steps / $e2e_s + 0.5)"),$(cut -d, -f3 <<<"$metrics"),$(cut -d, -f4 <<<"$e2e"),$(calc "int(1e6 * ($cpu1 - $cpu0) / $CLK_TCK / ($steps > 0 ? $steps : 1) + 0.5) / 1000"),$(calc "int(100 * ($cpu1 - $cpu0) / $CLK_TCK / $wall + 0.5)"),$failed"
+}
 
 run_cell() {
     local n=$1 l=$2 url guess k cpu0 cpu1 off t0 t1 now deadline unfinished steps
@@ -225,6 +356,7 @@ run_cell() {
     # K steps per job so that the cell lasts about BENCH_SECONDS at the guessed rate.
     k=$(calc "int($BENCH_SECONDS * $guess / $n + 0.999)")
     (( k < K_MIN )) && k=$K_MIN
+    [[ -n "$BENCH_K" ]] && k=$BENCH_K
     label=$(printf 'N=%s L=%sms K=%s' "$n" "$(calc "$l * 1000")" "$k")
 
     # A clean start: no rows, a fresh checkpoint, the worker's peak RSS reset.
@@ -244,12 +376,19 @@ run_cell() {
     # the guess still ends in bounded time (bench/kind.sql).
     t0=$(_jl_now_us)
     until_s=$(( t0 / 1000000 + 2 * BENCH_SECONDS + 10 ))
-    jl_psql -v n="$n" -v k="$k" -v url="$url" -v until="$until_s" -v tenants="$TENANTS" >/dev/null <<'SQL'
+    # All N jobs in ONE statement (one transaction).  t_begin: just before it; t_commit:
+    # the session's next statement, i.e. just after the commit returned (the end-to-end
+    # and batch-start clocks start there).
+    read -r t_begin t_commit < <(jl_psql -At -v n="$n" -v k="$k" -v url="$url" -v until="$until_s" -v tenants="$TENANTS" <<'SQL'
+SELECT extract(epoch FROM clock_timestamp()) AS t_begin \gset
 SELECT count(jobloop.submit('bench',
                             jsonb_build_object('url', :'url', 'n', 0, 'k', :k, 'until', :until),
-                            'tenant-' || (g % :tenants)))
-  FROM generate_series(1, :n) AS g;
+                            'tenant-' || (g % :tenants))) AS submitted
+  FROM generate_series(1, :n) AS g \gset
+SELECT extract(epoch FROM clock_timestamp()) AS t_commit \gset
+\echo :t_begin :t_commit
 SQL
+)
     deadline=$(( (until_s + BENCH_CELL_TIMEOUT) * 1000000 ))
 
     # Wait for the cell to finish, sampling the worker's private memory once a second.  The
@@ -303,6 +442,9 @@ SQL
                      GROUP BY 1 ORDER BY 2 DESC LIMIT 5" >&2
     fi
     steps=$(jl_psql -Atc "SELECT coalesce(sum(step), 0) FROM jobloop.job")
+    # The batch's end: the last job's finished_at (now() of the worker transaction that
+    # recorded its last step, which commits a few ms later at most).
+    t_done=$(jl_psql -Atc "SELECT extract(epoch FROM max(finished_at)) FROM jobloop.job")
     if [[ "$BENCH_PGSS" == 1 ]]; then
         jl_psql -P pager=off -c "
             SELECT calls, round(total_exec_time::numeric, 1) AS total_ms,
@@ -313,7 +455,7 @@ SQL
 
     # This cell's access-log lines -> bench_req (time, request time, status, job, step).
     tail -c +$(( off + 1 )) "$MOCK_LOG" | awk -v k="$LOG_KEY" -v rt="$LOG_RT" -v st="$LOG_STATUS" '
-        $k ~ /^"jobloop-/ {
+        $k ~ /^"(jobloop|peer)-/ {
             key = $k; gsub(/"/, "", key); m = split(key, p, "-")
             printf "%s\t%s\t%s\t%s\t%s\n", $1, $rt, $st, substr(key, 1, length(key) - length(p[m]) - 1), p[m]
         }' >"$OUT/cell.tsv"
@@ -323,6 +465,8 @@ SQL
     rm -f "$OUT/cell.tsv"
     metrics=$(psql_bench -At -F, -f "$BENCH/analyze_cell.sql")
     [[ -n "$metrics" ]] || metrics=",,,,,,,"
+    e2e=$(psql_bench -At -F, -v t_commit="$t_commit" -f "$BENCH/analyze_e2e.sql")
+    [[ -n "$e2e" ]] || e2e=",,,,"
 
     wall=$(calc "($t1 - $t0) / 1e6")
     if [[ "$l" == 0 ]]; then
@@ -333,11 +477,26 @@ SQL
         ratio=$(calc "int(1000 * $(cut -d, -f3 <<<"$metrics") / $limit + 0.5) / 1000")
     fi
     IFS=, read -r window ok sps overall p50 p99 pmax non200 <<<"$metrics"
+    # End to end: commit -> the last job's finish; ideal K x L (when every job ran K steps).
+    local e2e_s ideal e2e_ratio started s_first s_p50 s_last last_resp jl_over_peer=""
+    IFS=, read -r started s_first s_p50 s_last last_resp <<<"$e2e"
+    e2e_s=$(calc "$t_done - $t_commit")
+    ideal=""
+    e2e_ratio=""
+    if [[ "$l" != 0 ]] && (( steps == n * k )); then
+        ideal=$(calc "$k * $l")
+        e2e_ratio=$(calc "int(1000 * $ideal / $e2e_s + 0.5) / 1000")
+    fi
+    e2e_part="$(calc "int(10 * 1000 * ($t_commit - $t_begin) + 0.5) / 10"),$(calc "int(1000 * $e2e_s + 0.5) / 1000"),$ideal,$e2e_ratio,$(calc "int($steps / $e2e_s + 0.5)"),$started,$s_first,$s_p50,$s_last,$( [[ -n "$last_resp" ]] && calc "int(1000 * ($t_done - $last_resp) + 0.5)")"
+    run_peer_cell "$n" "$l" "$k"
+    if [[ -n "${peer_part%%,*}" ]]; then
+        jl_over_peer=$(calc "int(100 * ($steps / $e2e_s) / $(cut -d, -f3 <<<"$peer_part") + 0.5) / 100")
+    fi
     # The L=0 rate is the worker's own ceiling: aim the next L=0 cell's K at it.
     if [[ "$l" == 0 && -n "$sps" ]]; then
         rate_guess_l0=$sps
     fi
-    echo "$n,$(calc "$l * 1000"),$k,$n,$steps,$window,$ok,$sps,$overall,$limit,$ratio,$p50,$p99,$pmax,$(calc "($cpu1 - $cpu0) / $CLK_TCK"),$(calc "int(1e6 * ($cpu1 - $cpu0) / $CLK_TCK / ($steps > 0 ? $steps : 1) + 0.5) / 1000"),$(calc "int(100 * ($cpu1 - $cpu0) / $CLK_TCK / $wall + 0.5)"),$(calc "int($hwm / 1024 + 0.5)"),$(calc "int($anon_max / 1024 + 0.5)"),$failed,$(( retries1 - retries0 )),$non200,$unfinished,$wall,$(calc "int(($rq1 - $rq0) / 1e7 / $wall + 0.5)"),$(calc "int(100 * ($mock1 - $mock0) / $CLK_TCK / $wall + 0.5)"),$load1,$(calc "(($cpu1 - $cpu0) > 0) ? int($steps * $CLK_TCK / ($cpu1 - $cpu0) + 0.5) : 0"),$conn_max" >>"$csv"
+    echo "$n,$(calc "$l * 1000"),$k,$n,$steps,$window,$ok,$sps,$overall,$limit,$ratio,$p50,$p99,$pmax,$(calc "($cpu1 - $cpu0) / $CLK_TCK"),$(calc "int(1e6 * ($cpu1 - $cpu0) / $CLK_TCK / ($steps > 0 ? $steps : 1) + 0.5) / 1000"),$(calc "int(100 * ($cpu1 - $cpu0) / $CLK_TCK / $wall + 0.5)"),$(calc "int($hwm / 1024 + 0.5)"),$(calc "int($anon_max / 1024 + 0.5)"),$failed,$(( retries1 - retries0 )),$non200,$unfinished,$wall,$(calc "int(($rq1 - $rq0) / 1e7 / $wall + 0.5)"),$(calc "int(100 * ($mock1 - $mock0) / $CLK_TCK / $wall + 0.5)"),$load1,$(calc "(($cpu1 - $cpu0) > 0) ? int($steps * $CLK_TCK / ($cpu1 - $cpu0) + 0.5) : 0"),$conn_max,$e2e_part,$peer_part,$jl_over_peer" >>"$csv"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -364,7 +523,8 @@ lat_url=http://127.0.0.1:$lat_port
 lat_csv=$OUT/latency.csv
 echo "test,sample,job,ms" >"$lat_csv"
 
-# Time (epoch seconds) of the first "EVENT" line of job ID's first request, or fail.
+# Time (epoch seconds) of the first "EVENT" line of the first request of the job whose
+# key token is TOKEN (its Idempotency-Key is jobloop-<token>-0 since 0.3.0), or fail.
 lat_event_time() {
     awk -v ev="$1" -v suffix="-$2-0" '$2 == ev && substr($3, length($3) - length(suffix) + 1) == suffix { print $1; exit }' "$lat_log" | grep .
 }
@@ -384,13 +544,14 @@ for (( i = 1; i <= BENCH_SAMPLES; i++ )); do
 SELECT pg_sleep(0.2) \g /dev/null
 SELECT extract(epoch FROM clock_timestamp()) AS t0,
        jobloop.submit('bench', jsonb_build_object('url', :'url', 'n', 0, 'k', 1)) AS id \gset
-\echo :id :t0
+SELECT key_token AS tok FROM jobloop.job WHERE id = :id \gset
+\echo :id :t0 :tok
 SELECT jobloop.wait(:id, '10 s') \g /dev/null
 SQL
 done | jl_psql -At -v url="$lat_url/fast?n=" >"$OUT/submit_times.txt"
-while read -r id t_sub; do
-    jl_wait_for 10 lat_event_time request "$id" || jl_die "job $id never sent its request"
-    t_req=$(lat_event_time request "$id")
+while read -r id t_sub tok; do
+    jl_wait_for 10 lat_event_time request "$tok" || jl_die "job $id never sent its request"
+    t_req=$(lat_event_time request "$tok")
     echo "submit_to_first_request,$(( ++i_sub )),$id,$(calc "($t_req - $t_sub) * 1000")" >>"$lat_csv"
 done <"$OUT/submit_times.txt"
 
@@ -402,19 +563,20 @@ for (( i = 1; i <= BENCH_SAMPLES; i++ )); do
     cat <<'SQL'
 SELECT jobloop.submit('bench', jsonb_build_object('url', :'url', 'n', 0, 'k', 1)) AS id \gset
 SELECT pg_sleep(0.3) \g /dev/null
+SELECT key_token AS tok FROM jobloop.job WHERE id = :id \gset
 SELECT extract(epoch FROM clock_timestamp()) AS t0, jobloop.cancel(:id) AS ok \gset
-\echo :id :t0 :ok
+\echo :id :t0 :ok :tok
 SQL
 done | jl_psql -At -v url="$lat_url/hold?n=" >"$OUT/cancel_times.txt"
-while read -r id t_cancel ok; do
+while read -r id t_cancel ok tok; do
     [[ "$ok" == t ]] || { jl_log "job $id: cancel() returned $ok"; continue; }
-    t_req=$(lat_event_time request "$id") || { jl_log "job $id: no request before the cancel; sample left out"; continue; }
+    t_req=$(lat_event_time request "$tok") || { jl_log "job $id: no request before the cancel; sample left out"; continue; }
     if [[ "$(calc "($t_req < $t_cancel)")" != 1 ]]; then
         jl_log "job $id: request arrived after the cancel; sample left out"
         continue
     fi
-    jl_wait_for 10 lat_event_time close "$id" || jl_die "job $id: the API never saw its connection close"
-    t_close=$(lat_event_time close "$id")
+    jl_wait_for 10 lat_event_time close "$tok" || jl_die "job $id: the API never saw its connection close"
+    t_close=$(lat_event_time close "$tok")
     echo "cancel_to_aborted,$(( ++i_can )),$id,$(calc "($t_close - $t_cancel) * 1000")" >>"$lat_csv"
 done <"$OUT/cancel_times.txt"
 
@@ -450,6 +612,29 @@ report() {
         echo "* the jobs were never all in flight at once: steps/s over the middle 80% of the run"
     fi
     echo
+    echo "End to end: one statement submits the batch; from its commit to the last job finished."
+    awk -F, 'NR == 1 { next }
+        function f(v, fmt) { return v == "" ? "-" : sprintf(fmt, v) }
+        BEGIN {
+            printf "%6s %5s %5s %7s %9s %7s %7s %6s %8s %8s %8s %8s %7s | %8s %8s %8s %7s %7s\n",
+                "N", "L ms", "K", "steps", "submit ms", "e2e s", "ideal s", "ideal%", "e2e st/s",
+                "start1ms", "start50", "startall", "tail ms",
+                "peer e2e", "peer s/s", "peerCPU1k", "jl/peer", "pfailed"
+        }
+        {
+            printf "%6s %5s %5s %7s %9s %7s %7s %6s %8s %8s %8s %8s %7s | %8s %8s %8s %7s %7s\n",
+                $1, $2, $3, $5, f($30, "%.0f"), f($31, "%.2f"), f($32, "%.1f"),
+                f($33 == "" ? "" : 100 * $33, "%.0f"), $34, f($36, "%.0f"), f($37, "%.0f"),
+                f($38, "%.0f"), f($39, "%.0f"),
+                f($41, "%.2f"), f($42, "%.0f"), f($45, "%.3f"), f($48, "%.2f"), f($47, "%s")
+        }' "$csv"
+    echo "submit ms: the submit statement itself; e2e s: commit -> last job's finished_at; ideal s: K x L;"
+    echo "ideal%: ideal / e2e; e2e st/s: steps / e2e s; start1ms/start50/startall: ms from the commit until"
+    echo "the first job's, the median job's and the LAST job's first request reached the API (nginx log,"
+    echo "+-1 ms); tail ms: last response -> last job's finished_at.  peer: bench/peer_asyncio.py on the"
+    echo "same batch (2 processes): its e2e s and steps/s, CPU s per 1,000 steps (processes + their"
+    echo "backends), jl/peer = jobloop's e2e steps/s / the peer's."
+    echo
     awk -F, 'NR > 1 { v[$1] = v[$1] " " $4 }
         END {
             for (t in v) {
@@ -469,4 +654,9 @@ if gnuplot -e "csv='$csv'; out='$OUT/steps_vs_limit.png'; workers=$BENCH_WORKERS
 else
     jl_log "gnuplot failed (see $OUT/gnuplot.err)"
 fi
-jl_log "results in $OUT (matrix.csv, latency.csv, summary.txt, steps_vs_limit.png)"
+if gnuplot -e "csv='$csv'; out='$OUT/end_to_end.png'; workers=$BENCH_WORKERS" "$BENCH/plot_e2e.gp" 2>>"$OUT/gnuplot.err"; then
+    jl_log "plot: $OUT/end_to_end.png"
+else
+    jl_log "gnuplot failed on the end-to-end plot (see $OUT/gnuplot.err)"
+fi
+jl_log "results in $OUT (matrix.csv, latency.csv, summary.txt, steps_vs_limit.png, end_to_end.png)"
