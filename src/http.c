@@ -660,21 +660,15 @@ add_header(Transfer *xfer, const char *line)
 static bool
 url_has_prior_knowledge(const char *url)
 {
-	CURLU	   *u = curl_url();
-	char	   *host = NULL;
-	char	   *port = NULL;
-	bool		listed = false;
+	char	   *host;
+	char	   *port;
+	bool		listed;
 
-	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
-		curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
-		curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
-		listed = tls_prior_knowledge(host, atoi(port));
-	if (host)
-		curl_free(host);
-	if (port)
-		curl_free(port);
-	if (u)
-		curl_url_cleanup(u);
+	if (!url_origin(url, NULL, &host, &port))
+		return false;
+	listed = tls_prior_knowledge(host, atoi(port));
+	pfree(host);
+	pfree(port);
 	return listed;
 }
 
@@ -1167,29 +1161,14 @@ describe_tls_failure(Transfer *xfer, CURLcode code)
 	const char *reason = xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code);
 	char	   *url = NULL;
 	char	   *origin = NULL;
-	CURLU	   *u = curl_url();
+	char	   *scheme;
+	char	   *host;
+	char	   *port;
 	char	   *text;
 
-	if (u && curl_easy_getinfo(xfer->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url &&
-		curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK)
-	{
-		char	   *scheme = NULL;
-		char	   *host = NULL;
-		char	   *port = NULL;
-
-		if (curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
-			curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
-			curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
-			origin = psprintf("%s://%s:%s", scheme, host, port);
-		if (scheme)
-			curl_free(scheme);
-		if (host)
-			curl_free(host);
-		if (port)
-			curl_free(port);
-	}
-	if (u)
-		curl_url_cleanup(u);
+	if (curl_easy_getinfo(xfer->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url &&
+		url_origin(url, &scheme, &host, &port))
+		origin = psprintf("%s://%s:%s", scheme, host, port);
 	if (strncmp(reason, verify_prefix, sizeof(verify_prefix) - 1) == 0)
 		text = psprintf("TLS: certificate verify failed: %s", reason + sizeof(verify_prefix) - 1);
 	else if (strncmp(reason, verify_prefix_8, sizeof(verify_prefix_8) - 1) == 0)

@@ -176,6 +176,7 @@ typedef struct HttpResult
 
 extern HttpRequest *request_parse(Jsonb *request, MemoryContext cxt);
 extern HttpRequest *request_copy(const HttpRequest *req, MemoryContext cxt);
+extern bool url_origin(const char *url, char **scheme, char **host, char **port);
 extern void request_free(HttpRequest *req);
 extern Jsonb *response_build(const HttpResult *res);
 extern Jsonb *response_build_error(const HttpResult *res, const char *error, int attempts);
