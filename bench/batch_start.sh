@@ -78,7 +78,7 @@ batch() {
 
     # Samplers, started before the submit; each ends by itself.
     for (( i = 0; i < START_WATCH * 50; i++ )); do
-        echo "SELECT extract(epoch FROM clock_timestamp()), worker, held, in_flight, steps, round(claim_ms::numeric, 2), round(commit_ms::numeric, 2) FROM jobloop.worker_stats() ORDER BY worker;"
+        echo "SELECT extract(epoch FROM clock_timestamp()), w.worker, w.held, w.in_flight, w.steps, round(w.claim_ms::numeric, 2), round(w.commit_ms::numeric, 2), coalesce(a.wait_event_type || ':' || a.wait_event, 'CPU') FROM jobloop.worker_stats() w LEFT JOIN pg_stat_activity a ON a.pid = w.pid ORDER BY w.worker;"
         echo "SELECT pg_sleep(0.02) \\g /dev/null"
     done | jl_psql -At -F$'\t' >"$OUT/workers_$b.tsv" &
     sampler=$!
@@ -91,7 +91,8 @@ batch() {
     ) >"$OUT/conns_$b.tsv" &
     conns=$!
     if [[ "$perf" == 1 ]]; then
-        perf record -q -g -o "$OUT/perf_$b.data" -p "$(IFS=,; echo "${wpids[*]}")" -- sleep "$PERF_SECONDS" \
+        # From before the submit until PERF_SECONDS after its commit (stopped below).
+        perf record -q -g -o "$OUT/perf_$b.data" -p "$(IFS=,; echo "${wpids[*]}")" \
             >"$OUT/perf_$b.log" 2>&1 &
         perf_pid=$!
         sleep 0.3       # perf attaches
@@ -110,8 +111,12 @@ SELECT extract(epoch FROM clock_timestamp()) AS t_commit \gset
 \echo :t_begin :t_commit
 SQL
 )
+    if [[ -n "$perf_pid" ]]; then
+        sleep "$PERF_SECONDS"
+        kill -INT "$perf_pid"
+        wait "$perf_pid" || true
+    fi
     wait "$sampler" "$conns"
-    [[ -n "$perf_pid" ]] && wait "$perf_pid"
     jl_wait_for 120 all_finished || jl_log "batch $b: jobs still unfinished after 120 s"
     local t_done
     t_done=$(jl_psql -Atc "SELECT extract(epoch FROM max(finished_at)) FROM jobloop.job")
@@ -137,11 +142,12 @@ b AS (SELECT floor(10 * (t - :t_commit))::int AS bin, count(*) AS n FROM s0 GROU
 SELECT format('  %5s-%5s ms: %5s  (%s)', 100 * bin, 100 * bin + 100, n, sum(n) OVER (ORDER BY bin))
   FROM b ORDER BY bin;
 SQL
-        echo "workers over the start (ms after the commit: held / in_flight per worker; claim_ms, commit_ms are the workers' moving averages):"
+        echo "workers over the start (ms after the commit: held / in_flight per worker; c = claim_ms, k = commit_ms, the workers' moving averages; then each ~20 ms sample's wait event, CPU = none):"
         awk -v t0="$t_commit" -F'\t' '
             { ms = int(1000 * ($1 - t0)); if (ms < -50) next
-              key = int(ms / 100); w[key, $2] = $3 "/" $4 " c" $6 " k" $7; if (!(key in seen)) { seen[key] = 1; order[++n] = key } }
-            END { for (i = 1; i <= n; i++) { k = order[i]; printf "  %5d ms: w1 %-22s w2 %s\n", 100 * k, w[k, 1], w[k, 2] } }' \
+              key = int(ms / 100); w[key, $2] = $3 "/" $4 " c" $6 " k" $7; if (!(key in seen)) { seen[key] = 1; order[++n] = key }
+              waits[key, $2] = waits[key, $2] " " $8 }
+            END { for (i = 1; i <= n; i++) { k = order[i]; printf "  %5d ms: w1 %-22s w2 %-22s waits w1:%s | w2:%s\n", 100 * k, w[k, 1], w[k, 2], waits[k, 1], waits[k, 2] } }' \
             "$OUT/workers_$b.tsv"
         echo "connections to the API and the workers' CPU (ms after the commit: established; CPU % of one core per worker over the last ~200 ms):"
         awk -v t0="$t_commit" -v hz="$(getconf CLK_TCK)" '
@@ -172,7 +178,9 @@ SQL
         perf report -i "$OUT/perf_$b.data" --children --sort symbol --stdio -g none 2>/dev/null \
             | grep -v '^#' | grep '%' | head -400 >"$OUT/perf_children_$b.txt" || true
         {
-            echo "perf (both workers, the first ${PERF_SECONDS} s): jobloop's functions and libcurl, with their callees (% of samples)"
+            echo "perf (both workers, from just before the submit to ${PERF_SECONDS} s after its commit): jobloop's functions and libcurl, with their callees (% of samples)"
+            perf report -i "$OUT/perf_$b.data" --stdio --sort pid 2>/dev/null \
+                | awk '/^# Event count/ { printf "  the workers ran %.0f ms on a CPU in that window\n", $NF / 1e6 }' 
             awk '{ print $1, $4 }' "$OUT/perf_children_$b.txt" \
                 | grep -E ' (jobloop_worker_main|batch_run|claim|start_claimed|store_[a-z_]+|advance_isolated|logic_[a-z]+|commit_and_act|CommitTransactionCommand|XLogFlush|held_[a-z_]+|http_[a-z_]+|curl_multi_[a-z_]+|Curl_[a-z_]+|notify_job|__send|__connect|__libc_connect|epoll_wait)$' | head -40
         } | tee -a "$OUT/summary.txt"

@@ -47,6 +47,14 @@ set title 'L = 0: end-to-end steps/s'
 set ylabel 'steps/s (all steps / (commit -> last finished))'
 set yrange [0:*]
 set key top right
-plot l0 using 1:2 title 'jobloop' with linespoints pt 7 ps 1.3 lw 2, \
-     l0 using 1:3 title 'asyncio peer (2 processes)' with linespoints pt 5 ps 1.3 lw 2
+n_l0 = int(system(sprintf("awk -F, 'NR > 1 && $2 == 0' '%s' | wc -l", csv)))
+if (n_l0 > 0) {
+    plot l0 using 1:2 title 'jobloop' with linespoints pt 7 ps 1.3 lw 2, \
+         l0 using 1:3 title 'asyncio peer (2 processes)' with linespoints pt 5 ps 1.3 lw 2
+} else {
+    set yrange [0:1]
+    set label 1 'no L = 0 cell in this run' at graph 0.5, 0.5 center
+    plot NaN notitle
+    unset label 1
+}
 unset multiplot
