@@ -39,7 +39,7 @@ set key top left
 plot 1000 title 'target: last within 1 s' with lines dt 3 lw 2 lc 'black', \
      for [i = 1:words(ls)] start(word(ls, i)) using 1:2 title 'last job, L = '.word(ls, i).' ms' \
          with linespoints pt 7 ps 1.3 lw 2 lc i, \
-     for [i = 1:words(ls)] start(word(ls, i)) using 1:3 title 'median job' \
+     for [i = 1:words(ls)] start(word(ls, i)) using 1:3 title 'median job, L = '.word(ls, i).' ms' \
          with linespoints pt 6 ps 1 dt 2 lc i
 
 unset logscale y
