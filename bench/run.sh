@@ -16,7 +16,7 @@
 #   BENCH_SECONDS=12           aimed-for length of one cell; K (steps per job) follows
 #   BENCH_K=                   steps per job in every cell, instead of what BENCH_SECONDS
 #                              implies (the end-to-end targets: K=20 at N=1000, K=10 at 10000)
-#   BENCH_SAMPLES=50           samples for each of the two latency measurements
+#   BENCH_SAMPLES=50           samples for each of the two latency measurements (0: none)
 #   BENCH_LANG=plpgsql         business logic in plpgsql or sql (bench/kind.sql)
 #   BENCH_WORKERS=2            jobloop.workers (one per core of the 2-core target machine)
 #   BENCH_PGSS=1               also load pg_stat_statements and save the worker's top
