@@ -60,13 +60,19 @@ SELECT * FROM counts_check;
 
 -- The workers' fold (src/store.c, store_fold_counts) moves the changes into job_count;
 -- the same statement here.  Then the counts still agree, from job_count alone.
+-- (It folds at most 500 rows at a time and says how many it folded.)
 WITH moved AS (
     DELETE FROM jobloop.job_count_change
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM jobloop.job_count_change FOR UPDATE SKIP LOCKED))
-    RETURNING owner, status, n)
-INSERT INTO jobloop.job_count AS c (owner, status, n)
-SELECT owner, status, sum(n) FROM moved GROUP BY owner, status ORDER BY owner, status
-ON CONFLICT (owner, status) DO UPDATE SET n = c.n + excluded.n;
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM jobloop.job_count_change
+                             LIMIT 500 FOR UPDATE SKIP LOCKED))
+    RETURNING owner, status, n),
+ folded AS (SELECT count(*) AS n FROM moved),
+ applied AS (
+    INSERT INTO jobloop.job_count AS c (owner, status, n)
+    SELECT owner, status, sum(n) FROM moved GROUP BY owner, status
+     ORDER BY owner, status
+    ON CONFLICT (owner, status) DO UPDATE SET n = c.n + excluded.n)
+SELECT n > 0 AS folded_some FROM folded;
 SELECT count(*) AS changes_after_fold FROM jobloop.job_count_change;
 SELECT * FROM counts_check;
 

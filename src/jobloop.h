@@ -281,7 +281,7 @@ extern int	store_reap_expired(int64 *held_ids, int nheld);
 extern void store_release(int64 *ids, int n);
 extern int64 *store_held_ids(int *n);
 extern int	store_delete_expired(int limit);
-extern void store_fold_counts(void);
+extern bool store_fold_counts(void);
 extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
 typedef enum ExtensionState
 {
