@@ -204,6 +204,26 @@ copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
 }
 
 /*
+ * Take one of the workers' locks (JOBLOOP_LOCK_*) of this database until the
+ * end of the transaction, if no other session holds it; never wait.  Type
+ * "userlock", which no SQL function can take: an advisory lock could be
+ * taken, and held for ever, by any role.
+ */
+static bool
+try_worker_lock(int what)
+{
+	LOCKTAG		tag;
+
+	memset(&tag, 0, sizeof(tag));
+	tag.locktag_field1 = MyDatabaseId;
+	tag.locktag_field2 = JOBLOOP_LOCK_KEY;
+	tag.locktag_field3 = what;
+	tag.locktag_type = LOCKTAG_USERLOCK;
+	tag.locktag_lockmethodid = DEFAULT_LOCKMETHOD;
+	return LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL;
+}
+
+/*
  * A tenant's room is counted from the claim's snapshot, so two workers
  * claiming at once would each fill it.  When any tenant cap exists, claims
  * take turns (until the claiming transaction ends), and the claim statement
@@ -221,7 +241,6 @@ static bool
 take_turns_if_capped(void)
 {
 	static SPIPlanPtr plan = NULL;
-	LOCKTAG		tag;
 
 	if (jobloop_tenant_max_concurrency <= 0)
 	{
@@ -230,13 +249,7 @@ take_turns_if_capped(void)
 		if (SPI_processed == 0)
 			return true;
 	}
-	memset(&tag, 0, sizeof(tag));
-	tag.locktag_field1 = MyDatabaseId;
-	tag.locktag_field2 = JOBLOOP_LOCK_KEY;
-	tag.locktag_field3 = JOBLOOP_LOCK_CLAIM_TURN;
-	tag.locktag_type = LOCKTAG_USERLOCK;
-	tag.locktag_lockmethodid = DEFAULT_LOCKMETHOD;
-	return LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL;
+	return try_worker_lock(JOBLOOP_LOCK_CLAIM_TURN);
 }
 
 /*
@@ -690,20 +703,13 @@ bool
 store_fold_counts(void)
 {
 	static SPIPlanPtr plan = NULL;
-	LOCKTAG		tag;
 	Oid			types[1] = {INT4OID};
 	Datum		values[1] = {Int32GetDatum(FOLD_ROWS)};
 	bool		isnull;
 
 	if (!has_job_counts)
 		return false;
-	memset(&tag, 0, sizeof(tag));
-	tag.locktag_field1 = MyDatabaseId;
-	tag.locktag_field2 = JOBLOOP_LOCK_KEY;
-	tag.locktag_field3 = JOBLOOP_LOCK_COUNT_FOLD;
-	tag.locktag_type = LOCKTAG_USERLOCK;
-	tag.locktag_lockmethodid = DEFAULT_LOCKMETHOD;
-	if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
+	if (!try_worker_lock(JOBLOOP_LOCK_COUNT_FOLD))
 		return false;
 	store_run_plan(&plan,
 				   "WITH moved AS ("
