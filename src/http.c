@@ -1135,6 +1135,9 @@ tls_failure_permanent(CURLcode code, const char *errbuf)
 		case CURLE_SSL_CLIENTCERT:
 #endif
 			return true;
+		case CURLE_BAD_FUNCTION_ARGUMENT:
+			/* libcurl 8.2x: a client certificate or key it cannot load (CERTPROBLEM before) */
+			return strstr(errbuf, "private key") != NULL || strstr(errbuf, "client certificate") != NULL;
 		case CURLE_SSL_CONNECT_ERROR:
 		case CURLE_RECV_ERROR:
 		case CURLE_SEND_ERROR:
@@ -1185,7 +1188,7 @@ describe_tls_failure(Transfer *xfer, CURLcode code)
 	if (code == CURLE_SSL_CACERT_BADFILE)
 		text = psprintf("%s (%s)", text, jobloop_ca_file[0] != '\0' ? "jobloop.ca_file" :
 						"jobloop.ca_file is empty: the system's CA certificates");
-	else if (code == CURLE_SSL_CERTPROBLEM)
+	else if (code == CURLE_SSL_CERTPROBLEM || code == CURLE_BAD_FUNCTION_ARGUMENT)
 		text = psprintf("%s (jobloop.client_cert, jobloop.client_key)", text);
 	if (origin)
 		text = psprintf("%s (%s)", text, origin);
