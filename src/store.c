@@ -334,13 +334,13 @@ store_claim(int limit, ClaimedJob *out, MemoryContext cxt)
 
 	if (!take_turns_if_capped())
 		return -1;
-	/* schemas before 0.3.0 have neither pauses nor Idempotency-Key tokens */
 	/*
 	 * Planned anew at every claim (a custom plan): a generic plan keeps the
 	 * table size and statistics of the moment it was made, e.g. a table
 	 * VACUUMed while empty, and then read the whole table in each tenant
 	 * probe of the next burst (262-355 ms claims until it was replanned,
 	 * bench/README.md).  Planning costs 0.5-1 ms of a claim of up to 500 jobs.
+	 * Schemas before 0.3.0 have neither pauses nor Idempotency-Key tokens.
 	 */
 	if (has_key_tokens)
 		run_plan(&plan,
