@@ -51,7 +51,7 @@ t_start=$SECONDS
 jl_cluster_start "jobloop.workers = 1" "include_if_exists = 'tls.conf'" >&2 \
     || tap_bail "could not start a cluster"
 jl_mock_tls >&2 || tap_bail "could not start the TLS mock API"
-tap_plan 51
+tap_plan 52
 
 CERTS=$JL_TLS_CERTS
 TRUST=$CERTS/trust.pem      # what jobloop.ca_file names; replaced in place by "reload"
@@ -160,6 +160,17 @@ check_refused jobloop.http2_prior_knowledge '127.0.0.1:0, api:80' 'not a number 
 check_refused jobloop.http2_prior_knowledge 'api.internal:80x' 'not a number from 1 to 65535'
 check_refused jobloop.http2_prior_knowledge '::1:80' 'is not host:port'
 check_refused jobloop.http2_prior_knowledge '127.1:80' 'neither an IPv4 address'
+# a list longer than 1,000 entries (the check hook may run in the postmaster, where an
+# allocation error would be fatal): refused before anything is allocated for it
+long_list="$(printf 'api%d:80,' $(seq 1 1001))api0:80"
+out=$(jl_psql -c "ALTER SYSTEM SET jobloop.http2_prior_knowledge = '$long_list'" 2>&1) && rc=0 || rc=$?
+if (( rc != 0 )) && grep -q 'more than 1000 entries' <<<"$out"; then
+    tap_ok 0 "a jobloop.http2_prior_knowledge of 1,002 entries fails, DETAIL: ...more than 1000 entries..."
+else
+    (( rc == 0 )) && q "ALTER SYSTEM RESET jobloop.http2_prior_knowledge" >/dev/null
+    tap_ok 1 "a jobloop.http2_prior_knowledge of 1,002 entries fails, DETAIL: ...more than 1000 entries..." \
+        "exit status $rc, psql said:"$'\n'"${out:0:500}"
+fi
 out=
 s=0
 for kv in "jobloop.ca_file=$TRUST" "jobloop.client_cert=$CERTS/client.crt" \
