@@ -21,7 +21,7 @@
 #   * the claim statement in the workers: calls, mean and max ms (pg_stat_statements), the
 #     workers' own claim_ms (jobloop.worker_stats(), a moving average), and the plans of
 #     claims slower than SCALE_AUTO_EXPLAIN_MS (auto_explain in the workers),
-#   * EXPLAIN (ANALYZE, BUFFERS) of the claim statement (extracted from src/store.c, run
+#   * EXPLAIN (ANALYZE, BUFFERS) of the claim statement (extracted from src/server/store.c, run
 #     in a transaction that is rolled back) with a custom plan, a generic plan, and the
 #     plan the plan cache picks after five executions (as the worker's cached plan does),
 #   * table and index sizes, and the time of each monitoring query, as a superuser and as
@@ -140,9 +140,9 @@ else
 fi
 
 # The claim statement as the worker runs it (schemas from 0.3.0 on), put together from
-# src/store.c's CLAIM_SQL_* macros the way store_claim does.
+# src/server/store.c's CLAIM_SQL_* macros the way store_claim does.
 claim_sql() {
-    local src=$JL_ROOT/src/store.c
+    local src=$JL_ROOT/src/server/store.c
     {
         sed -n '/^#define CLAIM_SQL_/,/[^\\]$/p' "$src"
         printf 'JL_CLAIM_SQL_IS '
@@ -154,7 +154,7 @@ claim_sql() {
       | sed 's/^"//; s/"$//' | tr -d '\n'
 }
 CLAIM_SQL=$(claim_sql)
-[[ "$CLAIM_SQL" == "WITH RECURSIVE"* ]] || jl_die "could not extract the claim statement from src/store.c"
+[[ "$CLAIM_SQL" == "WITH RECURSIVE"* ]] || jl_die "could not extract the claim statement from src/server/store.c"
 printf '%s\n' "$CLAIM_SQL" >"$OUT/claim.sql"
 CLAIM_LIMIT=$(( 1000 / WORKERS ))
 

@@ -21,7 +21,7 @@
 #        pgtap       pg_prove on test/pgtap/*.sql, end to end in database jobloop
 #                    against the mock (one suite per file)
 #        tap         prove on test/isolation/check-sync.sh (the isolation specs' copies of
-#                    the worker's statements still match src/store.c) and every executable
+#                    the worker's statements still match src/server/store.c) and every executable
 #                    test/suites/*.sh, test/crash/*.sh, test/fault/*.sh and test/chaos/*.sh
 #                    (each starts its own cluster; one suite per script)
 #        fuzz        test/fuzz/run.sh: the libFuzzer targets of the parsers that need no

@@ -2,7 +2,7 @@
  *
  * fuzz_allowlist.c
  *		libFuzzer target: jobloop.allowed_hosts and address classification
- *		(src/allowlist.c).
+ *		(src/engine/allowlist.c).
  *
  * Input: the setting's text, up to the first NUL (a GUC string cannot hold
  * one).  After that NUL, optionally: a byte n, then n (at most 7) probes of

@@ -3,7 +3,7 @@
 # test/fuzz/run.sh -- build the libFuzzer targets and run each for a bounded time.
 #
 # The parsers that need no backend -- jobloop.allowed_hosts and address classification
-# (src/allowlist.c), the response header block and Retry-After (src/headers.c) -- read
+# (src/engine/allowlist.c), the response header block and Retry-After (src/server/headers.c) -- read
 # what a superuser typed or an API sent, inside a server process.  Each has a target here
 # that feeds it arbitrary bytes under ASan and UBSan and checks its invariants (see the
 # comment at the top of each fuzz_*.c).
@@ -47,9 +47,9 @@ FUZZ_ARTIFACTS=${FUZZ_ARTIFACTS:-${TMPDIR:-/tmp}/jobloop-fuzz}
 # block's longest is http.c's cap on it (MAX_HEADER_BYTES); a setting or a Retry-After
 # value longer than 4 kB tells nothing a shorter one does not.
 declare -A SOURCES=(
-    [fuzz_allowlist]="src/allowlist.c"
-    [fuzz_headers]="src/headers.c"
-    [fuzz_retry_after]="src/headers.c"
+    [fuzz_allowlist]="src/engine/allowlist.c"
+    [fuzz_headers]="src/server/headers.c"
+    [fuzz_retry_after]="src/server/headers.c"
 )
 declare -A LIBS=(
     [fuzz_allowlist]=""
@@ -67,7 +67,7 @@ ALL_TARGETS=(fuzz_allowlist fuzz_headers fuzz_retry_after)
 # like an ASan one, or libFuzzer would print it and go on.  -D_GNU_SOURCE and -std=c11
 # as in the extension's build (PostgreSQL's flags).
 CFLAGS=('-fsanitize=fuzzer,address,undefined' -fno-sanitize-recover=all -g -O1
-        -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Isrc -Itest/fuzz)
+        -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Isrc/engine -Isrc/server -Itest/fuzz)
 
 REPRO=
 if [[ "${1:-}" == --repro ]]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 #
 # test/isolation/check-sync.sh -- the isolation specs play the worker with the worker's
-# own SQL, copied from src/store.c between the markers
+# own SQL, copied from src/server/store.c between the markers
 #     -- store.c: FUNCTION
 #     ...
 #     -- end FUNCTION
@@ -48,4 +48,4 @@ for my $spec (@specs) {
 }
 print "1..$n\n", map("$_\n", @out);
 exit($bad || $n == 0 ? 1 : 0);
-' "$root/src/store.c" "$root"/test/isolation/specs/*.spec
+' "$root/src/server/store.c" "$root"/test/isolation/specs/*.spec

@@ -16,7 +16,7 @@
 #             oldest that the compat header accepts
 #   dist      make dist writes jobloop-<version>.zip, every file under one
 #             jobloop-<version>/ directory, with META.json, the control file, the
-#             Makefile, README.md, every sql/jobloop--*.sql and src/*.c, and debian/;
+#             Makefile, README.md, every sql/jobloop--*.sql and src/*/*.c, and debian/;
 #             its META.json is the tree's
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -104,9 +104,9 @@ rc=0; chain_ok || rc=1
 tap_ok "$rc" "provides.jobloop.file ($file) is an install script, update scripts lead from it to $control_version, and docfile ($docfile) exists" \
     "$(ls sql/jobloop--*.sql)"
 
-min_major=$(sed -n 's/.*PG_VERSION_NUM < \([0-9]*\)0000.*/\1/p' src/compat.h | head -n 1)
+min_major=$(sed -n 's/.*PG_VERSION_NUM < \([0-9]*\)0000.*/\1/p' src/server/compat.h | head -n 1)
 tap_is "$(meta prereqs runtime requires PostgreSQL)" "${min_major:-15}.0.0" \
-    "META.json requires the oldest PostgreSQL that src/compat.h accepts"
+    "META.json requires the oldest PostgreSQL that src/server/compat.h accepts"
 
 # ---- dist: make dist ----------------------------------------------------------------------
 zip=jobloop-$control_version.zip
@@ -119,7 +119,7 @@ tap_ok "$rc" "make dist writes $zip" "$out"
 listing=$(unzip -Z1 "$TMP/$zip" 2>&1) || listing=
 missing=()
 for f in META.json jobloop.control Makefile README.md debian/control debian/rules \
-         debian/changelog sql/jobloop--*.sql src/*.c src/*.h; do
+         debian/changelog sql/jobloop--*.sql src/*/*.c src/*/*.h; do
     grep -qxF "jobloop-$control_version/$f" <<<"$listing" || missing+=("$f")
 done
 outside=$(grep -vc "^jobloop-$control_version/" <<<"$listing" || true)

@@ -352,7 +352,7 @@ tap_is "$(log_of h2c | awk '{print $5}' | sort | uniq -c | awk '{print $1, $2}')
     "h2c: nginx logged their 30 requests as HTTP/2.0 (prior knowledge, no TLS)"
 tap_is "$(( $(retries) - r0 ))" 0 "h2c: no attempt was retried"
 c=$(connections h2c)
-# libcurl before 8.0.0 cannot reuse such connections (src/http.c): one per request there.
+# libcurl before 8.0.0 cannot reuse such connections (src/engine/http.c): one per request there.
 if (( $(curl-config --vernum | sed 's/^/0x/') >= 0x080000 )); then
     (( c <= 2 )) && s=0 || s=1
     tap_ok "$s" "h2c: they shared at most 2 connections (have $c)"
