@@ -25,6 +25,7 @@
 #include "utils/timestamp.h"
 
 #include "compat.h"
+#include "engine.h"
 
 #define JOBLOOP_VERSION		"0.4.0"
 #define JOBLOOP_CHANNEL		"jobloop"
@@ -37,21 +38,15 @@ extern int	jobloop_workers;
 extern int	jobloop_max_in_flight;
 extern int	jobloop_lease_timeout;		/* seconds */
 extern char *jobloop_allowed_hosts;
-extern int	jobloop_max_response_size;	/* bytes */
 extern int	jobloop_request_timeout;	/* ms */
 extern int	jobloop_function_timeout;	/* ms */
 extern int	jobloop_hold_delay;			/* ms */
-extern int	jobloop_max_redirects;
 extern int	jobloop_max_endpoints;
 extern int	jobloop_tenant_max_concurrency;
 extern int	jobloop_retention;			/* seconds; 0 keeps finished jobs forever */
 extern int	jobloop_max_state_size;		/* bytes */
 extern int	jobloop_max_request_size;	/* bytes */
-extern int	jobloop_idle_connection_timeout;	/* seconds */
 extern bool jobloop_start_paused;
-extern char *jobloop_ca_file;
-extern char *jobloop_client_cert;
-extern char *jobloop_client_key;
 extern char *jobloop_http2_prior_knowledge;
 
 /* ---- shared.c: shared memory between backends and workers ---- */
@@ -123,10 +118,8 @@ extern int	shared_take_cancels(int worker, int64 *ids, int max, bool *overflow);
 #define JOBLOOP_LOCK_CLAIM_TURN		1
 #define JOBLOOP_LOCK_COUNT_FOLD		2
 
-/* ---- guard.c: which addresses outbound HTTP may reach ---- */
-struct sockaddr;
-extern bool guard_address_allowed(const struct sockaddr *addr, const char *host,
-								  const char **reason);
+
+/* ---- guard.c: the GUC hooks of jobloop.allowed_hosts (the check itself: engine.h) ---- */
 extern bool guard_check_allowed_hosts(char **newval, void **extra, GucSource source);
 extern void guard_assign_allowed_hosts(const char *newval, void *extra);
 
@@ -136,43 +129,9 @@ extern bool tls_check_client_cert(char **newval, void **extra, GucSource source)
 extern bool tls_check_client_key(char **newval, void **extra, GucSource source);
 extern bool tls_check_prior_knowledge(char **newval, void **extra, GucSource source);
 extern void tls_assign_prior_knowledge(const char *newval, void *extra);
-extern bool tls_prior_knowledge_any(void);
-extern bool tls_prior_knowledge(const char *host, int port);
 extern char *tls_settings_signature(void);
 
 /* ---- request.c: request JSON -> HttpRequest; transfer -> response JSON ---- */
-typedef struct HttpRequest
-{
-	char	   *url;
-	char	   *method;			/* upper case */
-	char	  **headers;		/* "Name: value" */
-	int			nheaders;
-	bool		has_idempotency_key;
-	bool		has_content_type;
-	char	   *body;			/* NULL for none */
-	size_t		body_len;
-	bool		body_is_json;
-	int			timeout_ms;		/* 0: the kind's or the GUC default */
-	int			delay_ms;
-	char	   *rate_key;		/* as given, or NULL */
-	char	   *endpoint;		/* rate_key, or the url's host:port: what limits apply to */
-} HttpRequest;
-
-typedef struct HttpResult
-{
-	int			curl_code;		/* CURLcode; 0 = a response arrived */
-	bool		timed_out;		/* no (whole) response within the timeout */
-	char	   *error;			/* transport error text, palloc'd */
-	long		status;
-	char	   *headers;		/* raw header block of the final response */
-	size_t		headers_len;
-	char	   *body;
-	size_t		body_len;
-	bool		too_large;
-	bool		refused;		/* the guard refused the address */
-	bool		permanent;		/* a failure no retry can mend; error says why */
-	int64		elapsed_ms;
-} HttpResult;
 
 extern HttpRequest *request_parse(Jsonb *request, MemoryContext cxt);
 extern HttpRequest *request_copy(const HttpRequest *req, MemoryContext cxt);
@@ -183,23 +142,6 @@ extern Jsonb *response_build_error(const HttpResult *res, const char *error, int
 extern char *response_header(const HttpResult *res, const char *name);
 extern int64 response_retry_after_ms(const HttpResult *res);
 
-/* ---- http.c: libcurl multi, driven from the worker's WaitEventSet ---- */
-typedef struct Transfer Transfer;
-
-extern void http_init(void);
-extern int	http_epoll_fd(void);
-extern Transfer *http_start(const HttpRequest *req, const char *idempotency_key,
-							int default_timeout_ms, bool fresh_connection, void *owner);
-extern void http_abort(Transfer *xfer);
-extern void http_socket_ready(void);
-extern void http_timer_fired(TimestampTz now);
-extern TimestampTz http_next_timeout(void);
-extern Transfer *http_next_finished(void **owner, HttpResult *result);
-extern void http_done(Transfer *xfer);
-extern int	http_in_flight(void);
-extern bool http_close_idle(TimestampTz now);
-extern void http_settings_reloaded(void);
-extern const char *http_default_ca_file(void);
 
 /* ---- kinds.c: the worker's cache of jobloop.kind ---- */
 typedef struct Kind
