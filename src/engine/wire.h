@@ -92,7 +92,7 @@ extern bool wire_get_report_header(WireReader *r, uint8 *flags, uint32 *nresults
 extern bool wire_get_result(WireReader *r, int64 *transfer, HttpResult *res);
 
 /* reply (the server writes, jobloop-worker reads) */
-extern void wire_put_reply_header(StringInfo buf, int32 worker, int32 wait_ms,
+extern int	wire_put_reply_header(StringInfo buf, int32 worker, int32 wait_ms,
 								  const WireSettings *settings /* NULL: unchanged */ ,
 								  uint32 nactions);
 extern void wire_put_send(StringInfo buf, int64 transfer, const HttpRequest *req,
@@ -105,8 +105,8 @@ extern bool wire_get_action(WireReader *r, WireAction *action);
 /*
  * The header of a reply is written before its actions are known: the
  * server writes a placeholder count and sets it when the reply is done.
- * offset is buf->len just before wire_put_reply_header.
+ * count_offset is what wire_put_reply_header returned (where its count is).
  */
-extern void wire_set_reply_count(StringInfo buf, int offset, uint32 nactions);
+extern void wire_set_reply_count(StringInfo buf, int count_offset, uint32 nactions);
 
 #endif							/* JOBLOOP_WIRE_H */
