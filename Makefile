@@ -26,6 +26,8 @@ OBJS = \
 	src/server/pause.o \
 	src/server/admin.o \
 	src/server/stats.o \
+	src/server/turn.o \
+	src/server/remote.o \
 	src/server/worker.o
 
 EXTENSION = jobloop

@@ -1,0 +1,2 @@
+/* remote.c: see issue 14; filled in by the next commits */
+#include "jobloop.h"
