@@ -996,3 +996,166 @@ _jl_tls_strict_stop() {
     jl_wait_for 5 _jl_pid_gone "$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
     return 0
 }
+
+# ---------------------------------------------------------------------------------------
+# Network namespaces: machines on a private LAN, for test/suites/multihost.sh.
+#
+#   jl_netns_check                     can this process make them? (root, iproute2's ip,
+#                                      nsenter, a bridge, a veth pair); else says why, status 1
+#   jl_netns_lan PREFIX HOST=ADDR[,ADDR]...
+#                                      a switch (namespace PREFIX-sw, bridge br0) and, for each
+#                                      HOST, a namespace PREFIX-HOST whose eth0 (ADDR/24, lo up)
+#                                      is cabled to the switch's port HOST; exports
+#                                      JL_NETNS_PREFIX; the namespaces (and whatever still runs
+#                                      in them) go at exit
+#   jl_netns_exec HOST CMD [ARG...]    CMD inside HOST's network namespace
+#   jl_netns_link HOST down|up         unplug / plug HOST's cable at the switch: HOST sees a
+#                                      link without carrier, packets vanish both ways, its
+#                                      sockets stay open (a machine that lost its network,
+#                                      not one whose sockets were reset)
+#   jl_netns_mock_start HOST ADDR1 ADDR2
+#                                      the mock API (test/mock/nginx.conf.in, unchanged but
+#                                      for its addresses) inside HOST, on ADDR1 and ADDR2 where
+#                                      it has 127.0.0.1 and 127.0.0.2; exports what
+#                                      jl_mock_start does (JL_MOCK_URL=http://ADDR1:port, ...)
+#
+# Nothing is added to this machine's own network: the bridge lives in the switch's
+# namespace, so the LAN has no path to the host's interfaces and its traffic stays among
+# the namespaces.  Subnets may therefore repeat across concurrent runs; only the namespace
+# names (PREFIX) must differ.
+#
+# nsenter --net, never `ip netns exec` or `ip -n`: those also make a mount namespace and
+# mark / as a slave mount, which fails where / is not a mount point -- in the chroots of
+# scripts/matrix.sh ("mount --make-rslave /" failed: Invalid argument).  Only the network
+# namespace is needed (/sys then shows the host's devices; nothing here reads it).
+
+jl_netns_check() {
+    local probe=jlnscheck$$ rc=0
+    [[ $EUID -eq 0 ]] || { echo "needs root (network namespaces)"; return 1; }
+    command -v ip >/dev/null 2>&1 || { echo "iproute2's ip is not installed"; return 1; }
+    command -v nsenter >/dev/null 2>&1 || { echo "nsenter (util-linux) is not installed"; return 1; }
+    ip netns add "$probe" 2>/dev/null || { echo "ip netns add fails: $(ip netns add "$probe" 2>&1)"; return 1; }
+    # shellcheck disable=SC2015  # the || is for a failure of either
+    nsenter --net="/run/netns/$probe" -- ip link add br0 type bridge 2>/dev/null \
+        && nsenter --net="/run/netns/$probe" -- ip link add name jlcheck0 type veth peer name jlcheck1 2>/dev/null \
+        || { echo "no bridge or veth devices in a network namespace (kernel modules bridge, veth)"; rc=1; }
+    ip netns del "$probe" 2>/dev/null
+    return "$rc"
+}
+
+jl_netns_exec() {
+    local host=$1
+    shift
+    : "${JL_NETNS_PREFIX:?jl_netns_lan first}"
+    nsenter --net="/run/netns/$JL_NETNS_PREFIX-$host" -- "$@"
+}
+
+jl_netns_lan() {
+    local prefix=$1 spec host addrs addr sw hosts=()
+    shift
+    sw=/run/netns/$prefix-sw
+    export JL_NETNS_PREFIX=$prefix
+    jl_on_exit _jl_netns_cleanup "$prefix"
+    ip netns add "$prefix-sw" || return 1
+    nsenter --net="$sw" -- ip link add br0 type bridge || return 1
+    nsenter --net="$sw" -- ip link set br0 up || return 1
+    for spec in "$@"; do
+        host=${spec%%=*}
+        addrs=${spec#*=}
+        [[ -n "$host" && "$host" != sw && ${#host} -le 15 && -n "$addrs" ]] \
+            || { jl_log "jl_netns_lan: bad host '$spec' (HOST=ADDR[,ADDR])"; return 1; }
+        ip netns add "$prefix-$host" || return 1
+        # The switch's end is named after the host (jl_netns_link finds it so), the host's
+        # end is eth0, created straight in its namespace.
+        nsenter --net="$sw" -- ip link add name "$host" type veth peer name eth0 netns "$prefix-$host" \
+            || return 1
+        nsenter --net="$sw" -- ip link set "$host" master br0 up || return 1
+        for addr in ${addrs//,/ }; do
+            jl_netns_exec "$host" ip addr add "$addr/24" dev eth0 || return 1
+        done
+        jl_netns_exec "$host" ip link set lo up || return 1
+        jl_netns_exec "$host" ip link set eth0 up || return 1
+        hosts+=("$host")
+    done
+    jl_log "network namespaces $prefix-sw (the switch) and $prefix-{$(IFS=,; echo "${hosts[*]}")} up"
+}
+
+jl_netns_link() {
+    local host=$1 state=$2
+    [[ "$state" == up || "$state" == down ]] || { jl_log "jl_netns_link HOST up|down"; return 2; }
+    nsenter --net="/run/netns/$JL_NETNS_PREFIX-sw" -- ip link set "$host" "$state"
+}
+
+# At exit: stop what still runs in the namespaces (the suite stops its own daemons first;
+# this is for an interrupted run), then delete them.  A process keeps its namespace alive
+# after `ip netns del`, so the order matters.
+_jl_netns_cleanup() {
+    local prefix=$1 ns pid pids=() rest
+    for ns in $(ip netns list 2>/dev/null | awk -v p="$prefix-" 'index($1, p) == 1 { print $1 }'); do
+        if [[ "${JL_KEEP:-}" == 1 ]]; then
+            jl_log "JL_KEEP=1: kept network namespace $ns (ip netns del $ns)"
+            continue
+        fi
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do
+            pids+=("$pid")
+        done
+    done
+    [[ "${JL_KEEP:-}" == 1 ]] && return 0
+    if (( ${#pids[@]} > 0 )); then
+        kill -TERM "${pids[@]}" 2>/dev/null
+        for pid in "${pids[@]}"; do
+            jl_wait_for 5 _jl_pid_gone "$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+        done
+    fi
+    for ns in $(ip netns list 2>/dev/null | awk -v p="$prefix-" 'index($1, p) == 1 { print $1 }'); do
+        ip netns del "$ns" 2>/dev/null || rest+=" $ns"
+    done
+    [[ -z "${rest:-}" ]] || jl_log "could not delete network namespaces:$rest"
+    return 0
+}
+
+_jl_netns_mock_ready() {
+    jl_netns_exec "$1" curl -sf -o /dev/null --max-time 2 "http://$2:$4/__ready" \
+        && jl_netns_exec "$1" curl -sf -o /dev/null --max-time 2 "http://$3:$4/__ready"
+}
+
+jl_netns_mock_start() {
+    local host=$1 addr1=$2 addr2=$3 dir module kib nofile port
+    command -v nginx >/dev/null 2>&1 || { jl_log "nginx is not installed (run jl_install_deps)"; return 1; }
+    module=$(_jl_echo_module_path) || return 1
+    nofile=$(_jl_nofile_limit)
+    printf -v kib '%1024s' ''
+    kib=${kib// /x}
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/jobloop-mock.XXXXXX") || return 1
+    chmod 0755 "$dir"
+    jl_on_exit _jl_rm_dir "$dir"
+    : >"$dir/access.log"
+    : >"$dir/access2.log"
+    jl_on_exit _jl_mock_cleanup "$dir"
+    # A port of the usual range; the namespace holds nothing else, so it is free there.
+    port=$(jl_free_port) || return 1
+    # Every 127.0.0.1 / 127.0.0.2 of the template (listen, the per-address logs, redirect
+    # targets, the proxied /truncated) becomes the host's address, so all endpoints
+    # behave as on loopback.
+    sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|$port|g" -e "s|@ECHO_MODULE@|$module|g" \
+        -e "s|@KIB@|$kib|g" -e "s|^worker_rlimit_nofile .*|worker_rlimit_nofile $nofile;|" \
+        -e "s|127\.0\.0\.1|$addr1|g" -e "s|127\.0\.0\.2|$addr2|g" \
+        "$JL_ROOT/test/mock/nginx.conf.in" >"$dir/nginx.conf" || return 1
+    if ! (ulimit -Sn "$(ulimit -Hn)" 2>/dev/null;
+          exec nsenter --net="/run/netns/$JL_NETNS_PREFIX-$host" -- \
+              nginx -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log") \
+            >"$dir/start.out" 2>&1 </dev/null; then
+        jl_log "nginx failed to start in $JL_NETNS_PREFIX-$host:"
+        cat "$dir/start.out" >&2
+        return 1
+    fi
+    export JL_MOCK_PORT=$port JL_MOCK_DIR=$dir
+    export JL_MOCK_URL=http://$addr1:$port JL_MOCK_URL2=http://$addr2:$port
+    export JL_MOCK_LOG=$dir/access.log JL_MOCK_LOG2=$dir/access2.log
+    jl_wait_for 10 _jl_netns_mock_ready "$host" "$addr1" "$addr2" "$port" || {
+        jl_log "mock API in $JL_NETNS_PREFIX-$host did not answer; $dir/error.log:"
+        tail -n 20 "$dir/error.log" >&2
+        return 1
+    }
+    jl_log "mock API up on $JL_MOCK_URL and $JL_MOCK_URL2 in $JL_NETNS_PREFIX-$host (logs in $dir)"
+}
