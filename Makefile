@@ -6,8 +6,11 @@ MODULE_big = jobloop
 # the workers' turns (claims, business logic, limits, writes) and their transports.
 ENGINE_OBJS = \
 	src/engine/http.o \
+	src/engine/headers.o \
 	src/engine/guard.o \
-	src/engine/allowlist.o
+	src/engine/allowlist.o \
+	src/engine/tls_settings.o \
+	src/engine/wire.o
 
 OBJS = \
 	$(ENGINE_OBJS) \
@@ -17,8 +20,8 @@ OBJS = \
 	src/server/kinds.o \
 	src/server/logic.o \
 	src/server/request.o \
-	src/server/headers.o \
 	src/server/tls.o \
+	src/server/guard_setting.o \
 	src/server/store.o \
 	src/server/held.o \
 	src/server/batch.o \
@@ -37,7 +40,12 @@ REGRESS = kinds submit cancel guard privileges limits ops counts upgrade
 ISOLATION = claim cancel_step submit_claim
 ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop
 
-PG_CPPFLAGS = -I$(srcdir)/src/server -I$(srcdir)/src/engine -std=c11
+# The extension's version (the control file's default_version): http.c's User-Agent, and
+# the name of `make dist`'s archive.
+EXTVERSION = $(shell sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" $(EXTENSION).control)
+
+PG_CPPFLAGS = -I$(srcdir)/src/server -I$(srcdir)/src/engine -std=c11 \
+	-DJOBLOOP_ENGINE_VERSION='"$(EXTVERSION)"'
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
 SHLIB_LINK = -lcurl
 
@@ -48,12 +56,50 @@ include $(PGXS)
 # Every source file includes src/server/jobloop.h, whose structs live in shared memory: rebuild
 # them all when it changes.  (PGXS tracks no header dependencies; a stale object built
 # against an older WorkerSlot once wrote into the next slot's spinlock.)
-$(OBJS) $(OBJS:.o=.bc): src/server/jobloop.h src/server/compat.h
+$(OBJS) $(OBJS:.o=.bc): src/server/jobloop.h src/server/compat.h $(wildcard src/engine/*.h)
+
+# jobloop-worker: the engine again, compiled with FRONTEND (src/engine/platform.h) into
+# src/engine/*.fe.o, and the program's own files, linked with libpq, libpgcommon and
+# libpgport (palloc, psprintf, StringInfo) and libcurl.  PGXS's PROGRAM cannot share
+# sources with MODULE_big, hence these rules.  Installed into `pg_config --bindir`.
+WORKER = jobloop-worker
+WORKER_OBJS = \
+	src/worker/main.o \
+	src/worker/options.o \
+	src/worker/log.o \
+	src/worker/settings.o \
+	src/worker/calls.o \
+	src/worker/session.o
+ENGINE_FE_OBJS = $(ENGINE_OBJS:.o=.fe.o)
+FE_CPPFLAGS = -DFRONTEND -I$(srcdir)/src/engine -I$(srcdir)/src/worker -I$(includedir) $(CPPFLAGS)
+
+all: $(WORKER)
+
+src/engine/%.fe.o: src/engine/%.c
+	$(CC) $(CFLAGS) $(FE_CPPFLAGS) -c -o $@ $<
+
+src/worker/%.o: src/worker/%.c
+	$(CC) $(CFLAGS) $(FE_CPPFLAGS) -c -o $@ $<
+
+$(WORKER): $(WORKER_OBJS) $(ENGINE_FE_OBJS)
+	$(CC) $(CFLAGS) $^ $(LDFLAGS) $(LDFLAGS_EX) $(libpq_pgport) -lcurl -o $@
+
+$(WORKER_OBJS) $(ENGINE_FE_OBJS): $(wildcard src/engine/*.h src/worker/*.h)
+
+.PHONY: install-worker uninstall-worker
+install: install-worker
+install-worker: $(WORKER)
+	$(MKDIR_P) '$(DESTDIR)$(bindir)'
+	$(INSTALL_PROGRAM) $(WORKER) '$(DESTDIR)$(bindir)/$(WORKER)'
+uninstall: uninstall-worker
+uninstall-worker:
+	rm -f '$(DESTDIR)$(bindir)/$(WORKER)'
+
+EXTRA_CLEAN = $(WORKER) $(WORKER_OBJS) $(ENGINE_FE_OBJS)
 
 # make dist: the PGXN release archive, jobloop-<version>.zip, of the committed tree (HEAD;
 # commit first), its version the control file's default_version.  test/package/dist.sh
 # checks that META.json validates and agrees with jobloop.control and sql/.
-EXTVERSION = $(shell sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" $(EXTENSION).control)
 .PHONY: dist
 dist:
 	git archive --format=zip --prefix=$(EXTENSION)-$(EXTVERSION)/ -o $(EXTENSION)-$(EXTVERSION).zip HEAD

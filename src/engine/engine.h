@@ -84,6 +84,7 @@ extern int	http_in_flight(void);
 extern bool http_close_idle(TimestampTz now);
 extern void http_settings_reloaded(void);
 extern const char *http_default_ca_file(void);
+extern bool url_origin(const char *url, char **scheme, char **host, char **port);
 
 /* ---- guard.c: which addresses outbound HTTP may reach ---- */
 struct sockaddr;

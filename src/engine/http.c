@@ -22,11 +22,13 @@
  * lists.  See "TLS and HTTP/2" below.
  *
  * Nothing here raises an error after the worker's commit: failures are
- * reported as transfer results.  Only the worker process uses this file.
+ * reported as transfer results.  Only a worker uses this file: the
+ * extension's background worker, or jobloop-worker (built with FRONTEND,
+ * see platform.h).
  *
  *-------------------------------------------------------------------------
  */
-#include "jobloop.h"
+#include "platform.h"
 
 #include <arpa/inet.h>
 #include <curl/curl.h>
@@ -34,7 +36,14 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include "miscadmin.h"
+#include "headers.h"
+#include "lib/stringinfo.h"
+#include "tls_settings.h"
+
+/* The User-Agent's version: the control file's, given by the Makefile to the engine's objects. */
+#ifndef JOBLOOP_ENGINE_VERSION
+#error "JOBLOOP_ENGINE_VERSION is set by the Makefile"
+#endif
 
 #define MAX_HEADER_BYTES	(256 * 1024)
 #define EPOLL_BATCH			256
@@ -362,6 +371,86 @@ before_request(void *clientp, char *primary_ip, char *local_ip, int primary_port
 	else if (inet_pton(AF_INET6, primary_ip, &((struct sockaddr_in6 *) &ss)->sin6_addr) == 1)
 		ss.ss_family = AF_INET6;
 	return address_allowed(xfer, (struct sockaddr *) &ss) ? CURL_PREREQFUNC_OK : CURL_PREREQFUNC_ABORT;
+}
+
+/*
+ * A URL's scheme, host and port (the scheme's default port if it names
+ * none), as libcurl parses it, palloc'd; false if it cannot.  scheme may be
+ * NULL when not wanted.
+ */
+bool
+url_origin(const char *url, char **scheme, char **host, char **port)
+{
+	CURLU	   *u = curl_url();
+	char	   *s = NULL;
+	char	   *h = NULL;
+	char	   *p = NULL;
+	bool		ok;
+
+	ok = u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+		(scheme == NULL || curl_url_get(u, CURLUPART_SCHEME, &s, 0) == CURLUE_OK) &&
+		curl_url_get(u, CURLUPART_HOST, &h, 0) == CURLUE_OK &&
+		curl_url_get(u, CURLUPART_PORT, &p, CURLU_DEFAULT_PORT) == CURLUE_OK;
+	if (ok)
+	{
+		if (scheme)
+			*scheme = pstrdup(s);
+		*host = pstrdup(h);
+		*port = pstrdup(p);
+	}
+	if (s)
+		curl_free(s);
+	if (h)
+		curl_free(h);
+	if (p)
+		curl_free(p);
+	if (u)
+		curl_url_cleanup(u);
+	return ok;
+}
+
+/*
+ * The Location of a response, as a step function would see it in its
+ * headers (request.c): every Location field's value joined by ", ", a
+ * folded line joined to its field by a space.  palloc'd; NULL if none.
+ */
+static char *
+location_header(const HttpResult *res)
+{
+	HeaderIter	it;
+	HeaderField field;
+	StringInfoData value;
+	bool		found = false;
+	bool		in_location = false;	/* a folded line continues a Location */
+
+	initStringInfo(&value);
+	header_iter_init(&it, res->headers, res->headers_len);
+	while (header_iter_next(&it, &field))
+	{
+		if (field.continuation)
+		{
+			if (in_location)
+			{
+				if (value.len > 0)
+					appendStringInfoChar(&value, ' ');
+				appendBinaryStringInfo(&value, field.value, (int) field.value_len);
+			}
+			continue;
+		}
+		in_location = field.name_len == 8 && pg_strncasecmp(field.name, "location", 8) == 0;
+		if (!in_location)
+			continue;
+		if (found)
+			appendStringInfoString(&value, ", ");
+		appendBinaryStringInfo(&value, field.value, (int) field.value_len);
+		found = true;
+	}
+	if (!found)
+	{
+		pfree(value.data);
+		return NULL;
+	}
+	return value.data;
 }
 
 /* ---- setup ---- */
@@ -803,7 +892,7 @@ configure(Transfer *xfer, const HttpRequest *req, int default_timeout_ms, bool f
 	SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) jobloop_max_response_size);
 	SET(CURLOPT_ACCEPT_ENCODING, "");
 	SET(CURLOPT_TCP_KEEPALIVE, 1L);
-	SET(CURLOPT_USERAGENT, "jobloop/" JOBLOOP_VERSION);
+	SET(CURLOPT_USERAGENT, "jobloop/" JOBLOOP_ENGINE_VERSION);
 	if (!configure_tls(xfer, req))
 		return false;
 
@@ -1234,7 +1323,7 @@ describe_failure(Transfer *xfer, CURLcode code, HttpResult *res)
 				 * the reply as HTTP (HTTP/0.9, or another protocol), which
 				 * is retried like any transport error.
 				 */
-				char	   *location = response_header(res, "location");
+				char	   *location = location_header(res);
 
 				if (res->status < 300 || res->status > 399 || location == NULL)
 				{

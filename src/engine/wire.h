@@ -101,6 +101,7 @@ extern void wire_put_abort(StringInfo buf, int64 transfer);
 extern bool wire_get_reply_header(WireReader *r, int32 *worker, int32 *wait_ms,
 								  bool *has_settings, WireSettings *settings, uint32 *nactions);
 extern bool wire_get_action(WireReader *r, WireAction *action);
+extern void wire_free_action(WireAction *action);	/* what wire_get_action allocated */
 
 /*
  * The header of a reply is written before its actions are known: the

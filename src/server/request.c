@@ -83,42 +83,6 @@ check_url(const char *url)
 		invalid_request("\"url\" contains spaces or control characters");
 }
 
-/*
- * A URL's scheme, host and port (the scheme's default port if it names
- * none), as libcurl parses it, palloc'd; false if it cannot.  scheme may be
- * NULL when not wanted.
- */
-bool
-url_origin(const char *url, char **scheme, char **host, char **port)
-{
-	CURLU	   *u = curl_url();
-	char	   *s = NULL;
-	char	   *h = NULL;
-	char	   *p = NULL;
-	bool		ok;
-
-	ok = u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
-		(scheme == NULL || curl_url_get(u, CURLUPART_SCHEME, &s, 0) == CURLUE_OK) &&
-		curl_url_get(u, CURLUPART_HOST, &h, 0) == CURLUE_OK &&
-		curl_url_get(u, CURLUPART_PORT, &p, CURLU_DEFAULT_PORT) == CURLUE_OK;
-	if (ok)
-	{
-		if (scheme)
-			*scheme = pstrdup(s);
-		*host = pstrdup(h);
-		*port = pstrdup(p);
-	}
-	if (s)
-		curl_free(s);
-	if (h)
-		curl_free(h);
-	if (p)
-		curl_free(p);
-	if (u)
-		curl_url_cleanup(u);
-	return ok;
-}
-
 /* What limits apply to: the rate_key, or the URL's host:port. */
 static char *
 endpoint_of(HttpRequest *req)

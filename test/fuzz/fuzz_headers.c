@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * fuzz_headers.c
- *		libFuzzer target: a response's raw header block (src/server/headers.c).
+ *		libFuzzer target: a response's raw header block (src/engine/headers.c).
  *
  * The input is the block, exactly as libcurl could hand it over: any
  * bytes, CRLF or LF lines, NULs, status lines, folded lines.  libFuzzer's

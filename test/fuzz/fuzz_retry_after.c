@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * fuzz_retry_after.c
- *		libFuzzer target: Retry-After values (retry_after_ms, src/server/headers.c).
+ *		libFuzzer target: Retry-After values (retry_after_ms, src/engine/headers.c).
  *
  * Input: the value, up to the first NUL (a header value reaches
  * retry_after_ms as a C string); eight bytes after that NUL, if present, are

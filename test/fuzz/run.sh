@@ -3,8 +3,9 @@
 # test/fuzz/run.sh -- build the libFuzzer targets and run each for a bounded time.
 #
 # The parsers that need no backend -- jobloop.allowed_hosts and address classification
-# (src/engine/allowlist.c), the response header block and Retry-After (src/server/headers.c) -- read
-# what a superuser typed or an API sent, inside a server process.  Each has a target here
+# (src/engine/allowlist.c), the response header block and Retry-After (src/engine/headers.c) -- read
+# what a superuser typed or an API sent, inside a server process; the messages of a turn
+# (src/engine/wire.c) are what jobloop-worker and the server send each other.  Each has a target here
 # that feeds it arbitrary bytes under ASan and UBSan and checks its invariants (see the
 # comment at the top of each fuzz_*.c).
 #
@@ -43,25 +44,40 @@ FUZZ_ARTIFACTS=${FUZZ_ARTIFACTS:-${TMPDIR:-/tmp}/jobloop-fuzz}
 [[ "$FUZZ_SECONDS" =~ ^[0-9]+$ ]] || jl_die "FUZZ_SECONDS must be a whole number of seconds"
 [[ "$FUZZ_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || jl_die "FUZZ_TIMEOUT must be a whole number of seconds > 0"
 
+PG_CONFIG_BIN=${JL_PGBIN:-/usr/lib/postgresql/15/bin}/pg_config
+[[ -x "$PG_CONFIG_BIN" ]] || PG_CONFIG_BIN=pg_config
+PKGLIBDIR=$("$PG_CONFIG_BIN" --pkglibdir)
+INCLUDEDIR_SERVER=$("$PG_CONFIG_BIN" --includedir-server)
+
 # target -> the sources it links, the libraries, the longest input (-max_len).  The header
 # block's longest is http.c's cap on it (MAX_HEADER_BYTES); a setting or a Retry-After
 # value longer than 4 kB tells nothing a shorter one does not.
 declare -A SOURCES=(
     [fuzz_allowlist]="src/engine/allowlist.c"
-    [fuzz_headers]="src/server/headers.c"
-    [fuzz_retry_after]="src/server/headers.c"
+    [fuzz_headers]="src/engine/headers.c"
+    [fuzz_retry_after]="src/engine/headers.c"
+    [fuzz_wire]="src/engine/wire.c"
 )
 declare -A LIBS=(
     [fuzz_allowlist]=""
     [fuzz_headers]="-lcurl"
     [fuzz_retry_after]="-lcurl"
+    [fuzz_wire]="-L$PKGLIBDIR -lpgcommon -lpgport"
 )
 declare -A MAX_LEN=(
     [fuzz_allowlist]=4096
     [fuzz_headers]=262144
     [fuzz_retry_after]=4096
+    [fuzz_wire]=65536
 )
-ALL_TARGETS=(fuzz_allowlist fuzz_headers fuzz_retry_after)
+# wire.c is built as jobloop-worker builds it: a frontend (palloc, StringInfo from libpgcommon)
+declare -A EXTRA_CFLAGS=(
+    [fuzz_allowlist]=""
+    [fuzz_headers]=""
+    [fuzz_retry_after]=""
+    [fuzz_wire]="-DFRONTEND -I$INCLUDEDIR_SERVER -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers -Wno-ignored-attributes"
+)
+ALL_TARGETS=(fuzz_allowlist fuzz_headers fuzz_retry_after fuzz_wire)
 
 # -fno-sanitize-recover: a UBSan finding (an overflow, a bad shift) must stop the run
 # like an ASan one, or libFuzzer would print it and go on.  -D_GNU_SOURCE and -std=c11
@@ -99,10 +115,11 @@ mkdir -p "$FUZZ_ARTIFACTS"
 
 # build TARGET: the binary at $WORK/TARGET; on failure, the compiler's output as the diag.
 build() {
-    local t=$1 libs
+    local t=$1 libs extra
     read -r -a libs <<<"${LIBS[$t]}"
+    read -r -a extra <<<"${EXTRA_CFLAGS[$t]}"
     # shellcheck disable=SC2086  # SOURCES holds a list of files
-    clang-14 "${CFLAGS[@]}" -o "$WORK/$t" "test/fuzz/$t.c" ${SOURCES[$t]} "${libs[@]}" \
+    clang-14 "${CFLAGS[@]}" "${extra[@]}" -o "$WORK/$t" "test/fuzz/$t.c" ${SOURCES[$t]} "${libs[@]}" \
         >"$WORK/$t.build" 2>&1
 }
 
