@@ -35,7 +35,7 @@ OBJS = \
 
 EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
-REGRESS = kinds submit cancel guard privileges limits ops counts upgrade
+REGRESS = kinds submit cancel guard privileges limits ops counts external upgrade
 # Isolation specs: test/isolation/specs/NAME.spec, expected output in test/isolation/expected/.
 ISOLATION = claim cancel_step submit_claim
 ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop

@@ -112,11 +112,24 @@ static TimestampTz next_fold = 0;	/* see batch_run */
 
 /* ---- transaction scaffolding ---- */
 
+/*
+ * An external worker's turn runs inside the transaction of its call to
+ * jobloop.worker_turn() (remote.c): then "commit" ends a stretch of the
+ * batch without committing, and the calls it starts leave only with the
+ * reply, which jobloop-worker sees only once that transaction committed.
+ * If it aborts instead, remote.c makes the session unusable, since the
+ * held jobs in its memory no longer match the table.
+ */
+bool		batch_in_caller_transaction = false;
+
 static void
 begin_transaction(void)
 {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
+	if (!batch_in_caller_transaction)
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+	}
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -286,13 +299,14 @@ commit_and_act(void)
 	 * without any (claims, lease renewals) need not wait for the WAL flush:
 	 * if a crash loses it, its jobs are simply claimed again.
 	 */
-	if (nupdates == 0)
+	if (nupdates == 0 && !batch_in_caller_transaction)	/* there: one commit for all */
 		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_LOCAL, true, 0, false);
 
 	PopActiveSnapshot();
 	SPI_finish();
-	CommitTransactionCommand();
+	if (!batch_in_caller_transaction)
+		CommitTransactionCommand();
 
 	now = GetCurrentTimestamp();
 	for (int i = 0; i < npendings; i++)
@@ -614,7 +628,7 @@ process_response(HeldJob *job, TimestampTz now)
 	settle(&a, now);
 
 done:
-	http_done(job->transfer);
+	transport->done(job->transfer);
 	job->transfer = NULL;
 	job->phase = HELD_IDLE;
 }
@@ -793,12 +807,14 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 	{
 		PopActiveSnapshot();
 		SPI_finish();
-		CommitTransactionCommand();
+		if (!batch_in_caller_transaction)
+			CommitTransactionCommand();
 		MemoryContextReset(batch_cxt);
 		ndeferred = 0;
 		return false;
 	}
-	pgstat_report_activity(STATE_RUNNING, "jobloop: advancing jobs");
+	if (!batch_in_caller_transaction)
+		pgstat_report_activity(STATE_RUNNING, "jobloop: advancing jobs");
 	limits_sync();
 	if (pause_sync())
 		let_go_of_paused(now);
@@ -827,7 +843,7 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 			Advance		a = {responded[i]};
 
 			a.failure = psprintf("job kind \"%s\" no longer exists", responded[i]->kind_name);
-			http_done(responded[i]->transfer);
+			transport->done(responded[i]->transfer);
 			responded[i]->transfer = NULL;
 			responded[i]->phase = HELD_IDLE;
 			settle(&a, now);
@@ -880,11 +896,12 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 		commit_and_act();
 		stats_record_batch(my_worker_number, n_steps, n_completed, n_failed, n_retries, claim_ms,
 						   (double) (GetCurrentTimestamp() - start) / 1000.0);
-		stats_record_load(my_worker_number, held_count(), http_in_flight());
+		stats_record_load(my_worker_number, held_count(), transport->in_flight());
 	}
 	n_steps = n_completed = n_failed = n_retries = 0;
 	claim_ms = -1;
 	MemoryContextReset(batch_cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	if (!batch_in_caller_transaction)
+		pgstat_report_activity(STATE_IDLE, NULL);
 	return true;
 }

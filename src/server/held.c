@@ -10,7 +10,9 @@
  * jobloop.max_in_flight.  Their memory (state, request) lives in one
  * context and is freed when replaced, so it does not grow with history.
  *
- * Only the worker process uses this file.
+ * The worker process uses this file, and the backend of an external
+ * worker's connection (remote.c): where the calls run is the transport's
+ * business (turn.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -132,9 +134,9 @@ static void
 forget_transfer_and_wait(HeldJob *job)
 {
 	if (job->phase == HELD_IN_FLIGHT && job->transfer)
-		http_abort(job->transfer);
+		transport->abort(job->transfer);
 	else if (job->phase == HELD_RESPONDED && job->transfer)
-		http_done(job->transfer);
+		transport->done(job->transfer);
 	else if (job->phase == HELD_WAITING)
 		pairingheap_remove(waiting, &job->heap_node);
 	else if (job->phase == HELD_BLOCKED)
@@ -300,7 +302,7 @@ start_call(HeldJob *job, LimitVerdict *v, TimestampTz now)
 	else
 		snprintf(key, sizeof(key), "jobloop-" UINT64_FORMAT "-%u-" INT64_FORMAT "-%d",
 				 GetSystemIdentifier(), MyDatabaseId, job->id, job->step);
-	job->transfer = http_start(job->request, key, timeout, job->transport_failed, job);
+	job->transfer = transport->start(job->request, key, timeout, job->transport_failed, job);
 	if (job->transfer == NULL)
 	{
 		/* out of memory or handles: try again shortly, nothing is lost */
@@ -498,7 +500,7 @@ held_collect_responses(HeldJob **out, int max)
 	{
 		void	   *owner;
 		HttpResult	result;
-		Transfer   *xfer = http_next_finished(&owner, &result);
+		Transfer   *xfer = transport->next_finished(&owner, &result);
 		HeldJob    *job = owner;
 
 		if (xfer == NULL)

@@ -25,6 +25,7 @@ void		_PG_init(void);
 
 char	   *jobloop_database = NULL;
 int			jobloop_workers = 1;
+int			jobloop_max_external_workers = 8;
 int			jobloop_max_in_flight = 1000;
 int			jobloop_lease_timeout = 60;
 char	   *jobloop_allowed_hosts = NULL;
@@ -62,6 +63,15 @@ define_gucs(void)
 							NULL,
 							&jobloop_workers,
 							1, 0, JOBLOOP_MAX_WORKERS,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("jobloop.max_external_workers",
+							"Maximum number of external workers (jobloop-worker) connected at once, in all databases.",
+							"Each takes a worker slot in shared memory; all slots together are at most 64.",
+							&jobloop_max_external_workers,
+							8, 0, JOBLOOP_MAX_WORKERS,
 							PGC_POSTMASTER,
 							0,
 							NULL, NULL, NULL);

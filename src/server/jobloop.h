@@ -27,7 +27,7 @@
 #include "compat.h"
 #include "engine.h"
 
-#define JOBLOOP_VERSION		"0.4.0"
+#define JOBLOOP_VERSION		"0.5.0"
 #define JOBLOOP_CHANNEL		"jobloop"
 #define JOBLOOP_MAX_WORKERS	64
 #define ENDPOINT_LEN		128		/* longest endpoint (host:port or rate_key) + 1 */
@@ -35,6 +35,7 @@
 /* ---- jobloop.c: GUCs ---- */
 extern char *jobloop_database;
 extern int	jobloop_workers;
+extern int	jobloop_max_external_workers;
 extern int	jobloop_max_in_flight;
 extern int	jobloop_lease_timeout;		/* seconds */
 extern char *jobloop_allowed_hosts;
@@ -88,18 +89,25 @@ typedef struct WorkerSlot
 	int32		overrun_step;	/* ... at this step */
 	Oid			overrun_fn;
 	bool		connect_failed; /* its last start found no database to connect to */
+	/* an external worker (jobloop-worker): pid above is its connection's backend */
+	bool		external;
+	char		host[64];		/* the machine jobloop-worker runs on, as it says */
+	int32		remote_pid;		/* jobloop-worker's pid there */
 	Oid			start_paused_ext;	/* the extension jobloop.start_paused paused */
 } WorkerSlot;
 
 typedef struct JobloopShared
 {
-	int			nworkers;
+	int			nworkers;		/* background workers: slots 1..nworkers */
+	int			nslots;			/* then external workers' slots, up to nslots */
 	WorkerSlot	workers[FLEXIBLE_ARRAY_MEMBER];
 } JobloopShared;
 
 extern void shared_install_hooks(void);
 extern bool shared_available(void);
 extern void shared_attach_worker(int worker, const char *database_name);
+extern int	shared_attach_external(const char *database_name, const char *host, int32 remote_pid);
+extern void shared_detach_worker(int worker);
 extern int	shared_total_workers(void);
 extern int	shared_database_workers(const char *database, int *workers, int max);
 extern bool shared_serves_database(const char *name);
@@ -173,6 +181,7 @@ extern Jsonb *logic_step(Kind *kind, Oid owner, Jsonb *state, Jsonb *response);
 extern bool logic_done(Kind *kind, Oid owner, Jsonb *state);
 extern void logic_check_state_size(Jsonb *state);
 extern void logic_capture_search_path(void);
+extern void logic_use_search_path(const char *path);
 extern void logic_begin_job(int64 job_id, int32 step);
 extern char *logic_failure_text(ErrorData *edata);
 extern char *logic_take_overrun(int64 *job_id, int32 *step);
@@ -346,9 +355,38 @@ extern int	stats_least_held_peer(int worker, int max_held, int64 active_ms);
 extern bool batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 					  HeldJob **parked, int nparked, bool claim, bool heartbeat, bool rescan);
 extern bool batch_has_deferred(void);
+extern bool batch_in_caller_transaction;
 extern bool batch_claim_wanted;
 extern int	my_worker_number;
 extern TimestampTz batch_next_claim_at;
+
+/* ---- turn.c: one turn of a worker, whichever transport carries its calls ---- */
+
+/*
+ * Where a worker's calls run: the engine in this process (the background
+ * worker), or jobloop-worker at the other end of a libpq connection
+ * (remote.c, in that connection's backend).  Held jobs and batches use
+ * nothing else of the engine.
+ */
+typedef struct Transport
+{
+	Transfer   *(*start) (const HttpRequest *req, const char *idempotency_key,
+						  int default_timeout_ms, bool fresh_connection, void *owner);
+	void		(*abort) (Transfer *xfer);
+	Transfer   *(*next_finished) (void **owner, HttpResult *result);
+	void		(*done) (Transfer *xfer);
+	int			(*in_flight) (void);
+} Transport;
+
+extern const Transport *transport;
+extern const Transport local_transport;
+
+extern void turn_init(int worker);
+extern bool turn_run(bool *batched);
+extern long turn_wait_ms(TimestampTz now);
+
+/* ---- remote.c: the turns of an external worker, over its connection ---- */
+extern const Transport remote_transport;
 
 /* ---- worker.c ---- */
 PGDLLEXPORT void jobloop_worker_main(Datum main_arg);

@@ -131,7 +131,16 @@ static char *user_search_path = NULL;
 void
 logic_capture_search_path(void)
 {
-	user_search_path = MemoryContextStrdup(TopMemoryContext, GetConfigOption("search_path", false, false));
+	logic_use_search_path(GetConfigOption("search_path", false, false));
+}
+
+/* The business logic's search_path, chosen by the caller (remote.c: not by the worker's role). */
+void
+logic_use_search_path(const char *path)
+{
+	if (user_search_path)
+		pfree(user_search_path);
+	user_search_path = MemoryContextStrdup(TopMemoryContext, path);
 }
 
 /*

@@ -18,6 +18,8 @@
 #include "storage/shmem.h"
 
 static JobloopShared *shared = NULL;
+
+static WorkerSlot *slot_for(int worker);
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
@@ -51,8 +53,9 @@ shared_total_workers(void)
 }
 
 /*
- * The worker numbers that serve database (as _PG_init registered them:
- * jobloop.workers consecutive numbers per listed database).
+ * The worker numbers that serve database: its background workers (as
+ * _PG_init registered them: jobloop.workers consecutive numbers per listed
+ * database), then the external workers connected to it right now.
  */
 int
 shared_database_workers(const char *database, int *workers, int max)
@@ -64,6 +67,19 @@ shared_database_workers(const char *database, int *workers, int max)
 	for (int w = 1; w <= total; w++)
 		if (strcmp(list_nth(names, (w - 1) / jobloop_workers), database) == 0 && n < max)
 			workers[n++] = w;
+	/* and the external workers connected to it now */
+	for (int w = total + 1; shared && w <= shared->nslots; w++)
+	{
+		WorkerSlot *slot = slot_for(w);
+		bool		serves;
+
+		SpinLockAcquire(&slot->mutex);
+		serves = slot->pid != 0 && slot->external &&
+			strcmp(slot->database_name, database) == 0;
+		SpinLockRelease(&slot->mutex);
+		if (serves && n < max)
+			workers[n++] = w;
+	}
 	return n;
 }
 
@@ -80,11 +96,22 @@ shared_serves_database(const char *name)
 	return false;
 }
 
+/*
+ * Slots for external workers come after the background workers', within
+ * JOBLOOP_MAX_WORKERS in all (limits.c keeps a bit per worker in 64).
+ */
+static int
+external_slots(void)
+{
+	return Min(jobloop_max_external_workers, JOBLOOP_MAX_WORKERS - shared_total_workers());
+}
+
 static Size
 shared_size(void)
 {
 	return add_size(offsetof(JobloopShared, workers),
-					mul_size(sizeof(WorkerSlot), Max(shared_total_workers(), 1)));
+					mul_size(sizeof(WorkerSlot),
+							 Max(shared_total_workers() + external_slots(), 1)));
 }
 
 static void
@@ -110,7 +137,8 @@ shared_startup(void)
 	{
 		memset(shared, 0, shared_size());
 		shared->nworkers = shared_total_workers();
-		for (int i = 0; i < Max(shared->nworkers, 1); i++)
+		shared->nslots = shared->nworkers + external_slots();
+		for (int i = 0; i < Max(shared->nslots, 1); i++)
 			SpinLockInit(&shared->workers[i].mutex);
 	}
 	limits_shmem_startup();
@@ -136,7 +164,7 @@ shared_available(void)
 static WorkerSlot *
 slot_for(int worker)
 {
-	Assert(shared && worker >= 1 && worker <= shared->nworkers);
+	Assert(shared && worker >= 1 && worker <= shared->nslots);
 	return &shared->workers[worker - 1];
 }
 
@@ -144,7 +172,7 @@ slot_for(int worker)
 WorkerSlot *
 shared_slot(int worker)
 {
-	if (!shared || worker < 1 || worker > shared->nworkers)
+	if (!shared || worker < 1 || worker > shared->nslots)
 		return NULL;
 	return slot_for(worker);
 }
@@ -152,11 +180,21 @@ shared_slot(int worker)
 static void
 detach_worker(int code, Datum arg)
 {
-	WorkerSlot *slot = slot_for(DatumGetInt32(arg));
+	shared_detach_worker(DatumGetInt32(arg));
+}
+
+/* Give up our slot (if it is still ours: an external worker may have detached before). */
+void
+shared_detach_worker(int worker)
+{
+	WorkerSlot *slot = slot_for(worker);
 
 	SpinLockAcquire(&slot->mutex);
-	slot->pid = 0;
-	slot->latch = NULL;
+	if (slot->pid == MyProcPid)
+	{
+		slot->pid = 0;
+		slot->latch = NULL;
+	}
 	SpinLockRelease(&slot->mutex);
 }
 
@@ -178,8 +216,49 @@ shared_attach_worker(int worker, const char *database_name)
 	slot->stats.started_at = GetCurrentTimestamp();
 	slot->ncancels = 0;
 	slot->cancel_overflow = false;
+	slot->external = false;
 	SpinLockRelease(&slot->mutex);
 	on_shmem_exit(detach_worker, Int32GetDatum(worker));
+}
+
+/*
+ * Take a free external worker's slot for this backend, the one at our end
+ * of jobloop-worker's connection; -1 if all are taken.  The slot is ours
+ * until the backend exits -- the connection closed or broke -- and from
+ * then on no live worker stands behind the jobs marked with its number, so
+ * any worker's reaper frees them at once (store_reap_expired).
+ */
+int
+shared_attach_external(const char *database_name, const char *host, int32 remote_pid)
+{
+	if (!shared)
+		return -1;
+	for (int w = shared->nworkers + 1; w <= shared->nslots; w++)
+	{
+		WorkerSlot *slot = slot_for(w);
+
+		SpinLockAcquire(&slot->mutex);
+		if (slot->pid != 0)
+		{
+			SpinLockRelease(&slot->mutex);
+			continue;
+		}
+		slot->pid = MyProcPid;
+		slot->latch = MyLatch;
+		slot->database = MyDatabaseId;
+		strlcpy(slot->database_name, database_name, NAMEDATALEN);
+		memset(&slot->stats, 0, sizeof(slot->stats));
+		slot->stats.started_at = GetCurrentTimestamp();
+		slot->ncancels = 0;
+		slot->cancel_overflow = false;
+		slot->external = true;
+		strlcpy(slot->host, host, sizeof(slot->host));
+		slot->remote_pid = remote_pid;
+		SpinLockRelease(&slot->mutex);
+		on_shmem_exit(detach_worker, Int32GetDatum(w));
+		return w;
+	}
+	return -1;
 }
 
 static void
@@ -200,14 +279,14 @@ shared_wake_workers(void)
 {
 	if (!shared)
 		return;
-	for (int i = 0; i < shared->nworkers; i++)
+	for (int i = 0; i < shared->nslots; i++)
 		wake_slot(&shared->workers[i], true);
 }
 
 void
 shared_wake_worker(int worker)
 {
-	if (shared && worker >= 1 && worker <= shared->nworkers)
+	if (shared && worker >= 1 && worker <= shared->nslots)
 		wake_slot(slot_for(worker), false);
 }
 
@@ -218,7 +297,7 @@ shared_post_cancel(int worker, int64 job_id)
 	WorkerSlot *slot;
 	Latch	   *latch;
 
-	if (!shared || worker < 1 || worker > shared->nworkers)
+	if (!shared || worker < 1 || worker > shared->nslots)
 		return;
 	slot = slot_for(worker);
 	SpinLockAcquire(&slot->mutex);

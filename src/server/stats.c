@@ -91,9 +91,9 @@ stats_least_held_peer(int worker, int max_held, int64 active_ms)
 {
 	TimestampTz since = GetCurrentTimestamp() - active_ms * 1000;
 	int			least = -1;
-	int			nworkers = shared_total_workers();
 
-	for (int w = 1; w <= nworkers; w++)
+	/* background and external workers alike: they share the same jobs */
+	for (int w = 1; shared_slot(w) != NULL; w++)
 	{
 		WorkerSlot *slot = shared_slot(w);
 		int			held;
@@ -126,13 +126,19 @@ jobloop_worker_stats(PG_FUNCTION_ARGS)
 		WorkerStats s;
 		pid_t		pid;
 		char		database[NAMEDATALEN];
-		Datum		values[14];
-		bool		nulls[14] = {0};
+		bool		external;
+		char		host[sizeof(slot->host)];
+		int32		remote_pid;
+		Datum		values[16];
+		bool		nulls[16] = {0};
 
 		SpinLockAcquire(&slot->mutex);
 		pid = slot->pid;
 		s = slot->stats;
 		strlcpy(database, slot->database_name, NAMEDATALEN);
+		external = slot->external;
+		strlcpy(host, slot->host, sizeof(host));
+		remote_pid = slot->remote_pid;
 		SpinLockRelease(&slot->mutex);
 		if (pid == 0)
 			continue;
@@ -151,6 +157,12 @@ jobloop_worker_stats(PG_FUNCTION_ARGS)
 		values[11] = Int64GetDatum(s.retries);
 		values[12] = Float8GetDatum(s.claim_ms);
 		values[13] = Float8GetDatum(s.commit_ms);
+		/* 0.5.0 added where an external worker runs; a 0.4.0 schema has 14 columns */
+		values[14] = external ? CStringGetTextDatum(host) : (Datum) 0;
+		nulls[14] = !external;
+		values[15] = Int32GetDatum(remote_pid);
+		nulls[15] = !external;
+		Assert(rsinfo->setDesc->natts == 14 || rsinfo->setDesc->natts == 16);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;

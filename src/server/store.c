@@ -17,6 +17,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -613,6 +614,17 @@ store_reap_expired(int64 *held_ids, int nheld)
 	Oid			types[3] = {INT4OID, INT8ARRAYOID, INT4ARRAYOID};
 	Datum		values[3];
 
+	/*
+	 * Who serves our database right now: external workers come and go (a
+	 * worker whose connection ended stands behind its jobs no more).
+	 */
+	{
+		char	   *database = get_database_name(MyDatabaseId);
+
+		if (database != NULL)
+			nsibling_workers = shared_database_workers(database, sibling_workers,
+													   JOBLOOP_MAX_WORKERS);
+	}
 	values[0] = Int32GetDatum(my_worker);
 	values[1] = id_array(held_ids, nheld);
 	/* siblings unknown (cannot happen after store_release_all): free no peer's jobs */

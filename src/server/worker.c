@@ -31,13 +31,13 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
-#define MAX_RESPONSES_PER_BATCH		512
 #define EXTENSION_POLL_MS			1000
 
 static int	my_worker;
 static char my_database[NAMEDATALEN];
 static bool trimmed = false;	/* memory given back since the last job left */
 static TimestampTz stats_due = 0;	/* table statistics still to report then; 0: none */
+static TimestampTz next_trim = 0;	/* give back free memory then at the latest */
 static volatile sig_atomic_t stop_by_postmaster = false;	/* see handle_sigterm() */
 
 /* What pg_stat_activity shows while the worker waits (17+; "Extension" before) */
@@ -364,52 +364,18 @@ connect_to_database(void)
 	connected = true;
 }
 
-/* Milliseconds until the earliest thing we must do, capped at a minute. */
+/* Milliseconds until the earliest thing we must do: the turn's next, curl's timer, statistics. */
 static long
-wait_timeout(TimestampTz now, TimestampTz next_heartbeat)
+wait_timeout(TimestampTz now)
 {
-	TimestampTz next = next_heartbeat;
+	long		ms = turn_wait_ms(now);
 	TimestampTz t;
 
-	if ((t = http_next_timeout()) != 0 && t < next)
-		next = t;
-	if ((t = held_next_due()) != 0 && t < next)
-		next = t;
-	if ((t = held_next_blocked()) != 0 && t < next)
-		next = t;
-	if (stats_due != 0 && stats_due < next)
-		next = stats_due;
-	if (held_count() < jobloop_max_in_flight && batch_next_claim_at < next)
-		next = batch_next_claim_at;
-	/* an update deferred by a row lock: try again soon, without spinning */
-	if (batch_has_deferred() && now + 10 * 1000 < next)
-		next = now + 10 * 1000;
-	if (next <= now)
-		return 0;
-	return (long) Min((next - now + 999) / 1000, 60000);
-}
-
-/*
- * Drop the jobs cancelled since the last turn, aborting their calls.  The
- * returned ids are released in the next batch: cancel() already freed the
- * row, unless its transaction rolled back, in which case the job goes back
- * to the table to be resumed.
- */
-static int
-take_cancels(int64 *ids, int max, bool *rescan)
-{
-	bool		overflow;
-	int			n = shared_take_cancels(my_worker, ids, max, &overflow);
-
-	for (int i = 0; i < n; i++)
-	{
-		HeldJob    *job = held_find(ids[i]);
-
-		if (job)
-			held_drop(job);
-	}
-	*rescan = *rescan || overflow;
-	return n;
+	if ((t = http_next_timeout()) != 0)
+		ms = Min(ms, t <= now ? 0 : (long) ((t - now + 999) / 1000));
+	if (stats_due != 0)
+		ms = Min(ms, stats_due <= now ? 0 : (long) ((stats_due - now + 999) / 1000));
+	return ms;
 }
 
 /*
@@ -433,11 +399,7 @@ void
 jobloop_worker_main(Datum main_arg)
 {
 	WaitEventSet *events;
-	HeldJob   **responded;
-	HeldJob   **parked;
 	MemoryContext loop_cxt;
-	int64		cancels[CANCEL_QUEUE_SIZE];
-	TimestampTz next_heartbeat = 0;
 	char		name[BGW_MAXLEN];
 
 	my_worker = DatumGetInt32(main_arg);
@@ -474,8 +436,7 @@ jobloop_worker_main(Datum main_arg)
 	limits_init_worker();
 	pause_init_worker();
 	http_init();
-	responded = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
-	parked = MemoryContextAlloc(TopMemoryContext, MAX_RESPONSES_PER_BATCH * sizeof(HeldJob *));
+	turn_init(my_worker);
 	events = compat_session_wait_event_set(3);
 	AddWaitEventToSet(events, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
@@ -497,18 +458,13 @@ jobloop_worker_main(Datum main_arg)
 		WaitEvent	occurred[3];
 		int			nevents;
 		TimestampTz now = GetCurrentTimestamp();
-		int			nresponded;
-		int			nparked;
-		int			ncancels;
-		bool		rescan = false;
-		bool		heartbeat;
-		bool		claim;
+		bool		batched;
 
 		MemoryContextSwitchTo(loop_cxt);
 		MemoryContextReset(loop_cxt);
 
-		nevents = WaitEventSetWait(events, wait_timeout(now, next_heartbeat),
-								   occurred, lengthof(occurred), wait_event_now());
+		nevents = WaitEventSetWait(events, wait_timeout(now), occurred, lengthof(occurred),
+								   wait_event_now());
 		for (int i = 0; i < nevents; i++)
 		{
 			if (occurred[i].events & WL_LATCH_SET)
@@ -526,33 +482,21 @@ jobloop_worker_main(Datum main_arg)
 
 		now = GetCurrentTimestamp();
 		http_timer_fired(now);
-		ncancels = take_cancels(cancels, lengthof(cancels), &rescan);
-		nresponded = held_collect_responses(responded, MAX_RESPONSES_PER_BATCH);
-
-		held_retry_blocked(now);
-		held_send_due(now);
-		nparked = held_take_releases(parked, MAX_RESPONSES_PER_BATCH);
-
-		heartbeat = now >= next_heartbeat;
-		claim = held_count() < jobloop_max_in_flight &&
-			(batch_claim_wanted || now >= batch_next_claim_at);
-		if (nresponded > 0 || ncancels > 0 || nparked > 0 || rescan || heartbeat || claim ||
-			batch_has_deferred())
+		if (!turn_run(&batched))
+			start_over();
+		else if (batched)
 		{
-			if (!batch_run(responded, nresponded, cancels, ncancels, parked, nparked,
-						   claim, heartbeat, rescan))
-				start_over();
 			report_stats(GetCurrentTimestamp());
 			MemoryContextSwitchTo(loop_cxt);
 		}
-		if (heartbeat)
-			next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
 		if (stats_due != 0 && now >= stats_due)
 			report_stats(now);
-		if (http_close_idle(now) || heartbeat || (held_count() == 0 && !trimmed))
-			(void) malloc_trim(0);	/* see keep_freed_memory() */
+		/* see keep_freed_memory(); a heartbeat turn comes every lease_timeout / 3 */
+		if (http_close_idle(now) || now >= next_trim || (held_count() == 0 && !trimmed))
+		{
+			(void) malloc_trim(0);
+			next_trim = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
+		}
 		trimmed = held_count() == 0;
-
-		held_send_due(GetCurrentTimestamp());
 	}
 }
