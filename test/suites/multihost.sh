@@ -90,6 +90,7 @@ fi
 
 # ==== inside the database host's namespace ===================================================
 q() { jl_psql -At -c "$1"; }
+calc() { awk "BEGIN { print $1 }"; }
 
 INSERVER=${MH_INSERVER:-}
 if [[ -n "$INSERVER" ]]; then
@@ -259,7 +260,10 @@ worker_start() {    # worker_start HOST: jobloop-worker in HOST's namespace, hos
     # rather than the default 60, which only shortens the suite.
     local env=("PGPASSWORD=$MH_PASSWORD")
     [[ -n "${JL_SANITIZE:-}" ]] && env+=("ASAN_OPTIONS=$(_jl_asan_options "$WORK/worker-$host")")
-    jl_netns_exec "$host" env "${env[@]}" "$WORKER_BIN" --name="mh-$host" --turn-timeout=10 "$conninfo" \
+    # nsenter itself, not jl_netns_exec: a function run with & is a subshell, and $! would
+    # be that shell's pid rather than the worker's (nsenter and env exec the program).
+    nsenter --net="/run/netns/$JL_NETNS_PREFIX-$host" -- env "${env[@]}" \
+        "$WORKER_BIN" --name="mh-$host" --turn-timeout=10 "$conninfo" \
         >>"$WORK/worker-$host.log" 2>&1 </dev/null &
     WPID[$host]=$!
 }
@@ -464,6 +468,7 @@ else
            FROM mh.held_at_cut h"
     jl_netns_link "$CUT_HOST" up
 fi
+t_up=$(q "SELECT extract(epoch FROM clock_timestamp())")
 
 # The cut host serves again: small batches until one of its calls reaches the API (its
 # reconnect backoff and TCP's retransmission timers decide when).  Its stale results of
@@ -483,10 +488,16 @@ if [[ -n "$INSERVER" ]]; then
 else
     s=0; jl_wait_for 120 serves_again || s=$?
     tap_ok $s "cut: w1 serves again once its cable is back" "$(worker_diag)"
+    tap_diag "the cable was out for $(calc "$t_up - $t_cut") s; w1's first call after it came back started $(q "SELECT round(min(started) - $t_up, 1) FROM mh.log WHERE src = '$W1_ADDR' AND started > $t_up") s later"
 fi
 load_log
 tap_sql_ok "cut: every job completed exactly once: 10 steps each, each step applied once" \
-    "$(exact_sql cut 60 10)" "$(exact_diag cut)"
+    "$(exact_sql cut 60 10)" "$(exact_diag cut)
+     UNION ALL
+     SELECT format('steps applied twice: %s, the second time %s to %s s after the cut (the cable was back at %s s)',
+                   count(*), round(min(t2) - $t_cut, 1), round(max(t2) - $t_cut, 1), round($t_up - $t_cut, 1))
+       FROM (SELECT j, n, extract(epoch FROM max(at)) t2 FROM mh.applied WHERE tag = 'cut'
+              GROUP BY j, n HAVING count(*) > 1) d"
 tap_sql_ok "cut: the batches after the cable came back too (2 steps each, applied once)" \
     "SELECT bool_and(ok) FROM (
         SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = t AND status = 'completed' AND step = 2)
