@@ -481,21 +481,27 @@ warn_if_unserved(void)
 {
 	static bool warned = false;
 	const char *why = NULL;
+	int			workers[JOBLOOP_MAX_WORKERS];
 
 	if (warned)
 		return;
 	if (!shared_available())
 		why = "jobloop is not in shared_preload_libraries";
+	else if (shared_database_workers(get_database_name(MyDatabaseId), workers,
+									 JOBLOOP_MAX_WORKERS) > 0)
+		why = NULL;				/* background workers, or a jobloop-worker connected now */
 	else if (jobloop_workers == 0)
-		why = "jobloop.workers is 0";
-	else if (!shared_serves_database(get_database_name(MyDatabaseId)))
-		why = psprintf("jobloop.database is \"%s\"", jobloop_database);
+		why = "jobloop.workers is 0 and no jobloop-worker is connected";
+	else
+		why = psprintf("jobloop.database is \"%s\" and no jobloop-worker is connected",
+					   jobloop_database);
 	if (why)
 	{
 		ereport(WARNING,
 				(errmsg("no jobloop worker serves database \"%s\"", get_database_name(MyDatabaseId)),
 				 errdetail("Jobs submitted here stay pending because %s.", why),
-				 errhint("Set jobloop.database and shared_preload_libraries, then restart the server.")));
+				 errhint("Set jobloop.database and shared_preload_libraries and restart the server, "
+						 "or run jobloop-worker against this database.")));
 		warned = true;
 	}
 }

@@ -511,6 +511,8 @@ turn_reply_wait(void)
 {
 	long		ms = turn_wait_ms(GetCurrentTimestamp());
 
+	if (!dlist_is_empty(&finished_calls))
+		return 0;				/* more results than one batch takes: at once */
 	if (held_next_blocked() != 0)
 		ms = Min(ms, SLOT_POLL_MS);
 	return (int32) ms;

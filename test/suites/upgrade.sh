@@ -196,8 +196,8 @@ tap_ok $rc "CREATE EXTENSION jobloop in a database no worker serves succeeds (a 
 tap_is "$(grep -c 'WARNING:  no jobloop worker serves database "jl_unserved"' "$work/unserved.out" || true)" "1" \
     "... with a warning that no worker serves it"
 tap_is "$(grep -E '^(DETAIL|HINT):' "$work/unserved.out" || true)" \
-    "DETAIL:  Jobs submitted here stay pending because jobloop.database is \"$(q postgres "SHOW jobloop.database")\".
-HINT:  Set jobloop.database and shared_preload_libraries, then restart the server." \
+    "DETAIL:  Jobs submitted here stay pending because jobloop.database is \"$(q postgres "SHOW jobloop.database")\" and no jobloop-worker is connected.
+HINT:  Set jobloop.database and shared_preload_libraries and restart the server, or run jobloop-worker against this database." \
     "... which says why and what to do (the regression tests show it terse)"
 
 jl_psql -d jobloop -At -f "$work/schema.sql" >"$work/schema.upgraded"
