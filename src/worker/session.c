@@ -133,7 +133,32 @@ connect_async(volatile sig_atomic_t *stop, bool *fatal)
 	return conn;
 }
 
-/* Run one command that must succeed; false (logged) if it did not. */
+/*
+ * A failed command's error as one line: the server's message, its DETAIL
+ * and HINT, and the SQLSTATE (without the query's text and caret).
+ */
+static char *
+result_error(PGconn *conn, const PGresult *res)
+{
+	const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+	const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
+	const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT) : NULL;
+	const char *sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+	char	   *m;
+
+	if (primary == NULL)
+		return message_of(res && PQresultErrorMessage(res)[0] ? PQresultErrorMessage(res)
+						  : PQerrorMessage(conn));
+	m = psprintf("%s%s%s%s%s (SQLSTATE %s)", primary,
+				 detail ? " DETAIL: " : "", detail ? detail : "",
+				 hint ? " HINT: " : "", hint ? hint : "", sqlstate ? sqlstate : "?");
+	for (char *c = m; *c; c++)
+		if (*c == '\n')
+			*c = ' ';
+	return m;
+}
+
+/* Did a command succeed?  If not, say why (and whether retrying is pointless). */
 static bool
 exec_ok(PGconn *conn, const char *what, PGresult *res, ExecStatusType want, bool *fatal)
 {
@@ -144,10 +169,13 @@ exec_ok(PGconn *conn, const char *what, PGresult *res, ExecStatusType want, bool
 		return true;
 	sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
 	*fatal = refusal_is_fatal(sqlstate);
-	m = message_of(res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
-	worker_log(*fatal ? FATAL : LOG, "%s failed: %s%s%s%s", what,
-			   m[0] ? m : "no result",
-			   sqlstate ? " (SQLSTATE " : "", sqlstate ? sqlstate : "", sqlstate ? ")" : "");
+	m = result_error(conn, res);
+	worker_log(*fatal ? FATAL : LOG, "%s failed: %s", what, m[0] ? m : "no result");
+	/* the server refuses a non-member before jobloop's own check, at the schema */
+	if (sqlstate && strcmp(sqlstate, "42501") == 0)
+		worker_log(FATAL, "role \"%s\" may not run jobloop's workers: "
+				   "it must be a member of jobloop_worker (GRANT jobloop_worker TO \"%s\")",
+				   PQuser(conn), PQuser(conn));
 	pfree(m);
 	return false;
 }
@@ -330,11 +358,9 @@ take_reply(PGresult *res, int32 *wait_ms)
 {
 	if (PQresultStatus(res) != PGRES_TUPLES_OK)
 	{
-		const char *sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-		char	   *m = message_of(PQresultErrorMessage(res));
+		char	   *m = result_error(NULL, res);
 
-		worker_log(LOG, "a turn failed: %s%s%s%s", m[0] ? m : PQresStatus(PQresultStatus(res)),
-				   sqlstate ? " (SQLSTATE " : "", sqlstate ? sqlstate : "", sqlstate ? ")" : "");
+		worker_log(LOG, "a turn failed: %s", m[0] ? m : PQresStatus(PQresultStatus(res)));
 		pfree(m);
 		return false;
 	}
