@@ -49,15 +49,6 @@ PG_CPPFLAGS = -I$(srcdir)/src/server -I$(srcdir)/src/engine -std=c11 \
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
 SHLIB_LINK = -lcurl
 
-PG_CONFIG ?= pg_config
-PGXS := $(shell $(PG_CONFIG) --pgxs)
-include $(PGXS)
-
-# Every source file includes src/server/jobloop.h, whose structs live in shared memory: rebuild
-# them all when it changes.  (PGXS tracks no header dependencies; a stale object built
-# against an older WorkerSlot once wrote into the next slot's spinlock.)
-$(OBJS) $(OBJS:.o=.bc): src/server/jobloop.h src/server/compat.h $(wildcard src/engine/*.h)
-
 # jobloop-worker: the engine again, compiled with FRONTEND (src/engine/platform.h) into
 # src/engine/*.fe.o, and the program's own files, linked with libpq, libpgcommon and
 # libpgport (palloc, psprintf, StringInfo) and libcurl.  PGXS's PROGRAM cannot share
@@ -71,6 +62,18 @@ WORKER_OBJS = \
 	src/worker/calls.o \
 	src/worker/session.o
 ENGINE_FE_OBJS = $(ENGINE_OBJS:.o=.fe.o)
+# (before PGXS, which reads EXTRA_CLEAN as it is included)
+EXTRA_CLEAN = $(WORKER) $(WORKER_OBJS) $(ENGINE_FE_OBJS)
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# Every source file includes src/server/jobloop.h, whose structs live in shared memory: rebuild
+# them all when it changes.  (PGXS tracks no header dependencies; a stale object built
+# against an older WorkerSlot once wrote into the next slot's spinlock.)
+$(OBJS) $(OBJS:.o=.bc): src/server/jobloop.h src/server/compat.h $(wildcard src/engine/*.h)
+
 FE_CPPFLAGS = -DFRONTEND -I$(srcdir)/src/engine -I$(srcdir)/src/worker -I$(includedir) $(CPPFLAGS)
 
 all: $(WORKER)
@@ -94,8 +97,6 @@ install-worker: $(WORKER)
 uninstall: uninstall-worker
 uninstall-worker:
 	rm -f '$(DESTDIR)$(bindir)/$(WORKER)'
-
-EXTRA_CLEAN = $(WORKER) $(WORKER_OBJS) $(ENGINE_FE_OBJS)
 
 # make dist: the PGXN release archive, jobloop-<version>.zip, of the committed tree (HEAD;
 # commit first), its version the control file's default_version.  test/package/dist.sh
