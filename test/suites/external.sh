@@ -108,9 +108,16 @@ SQL
 
 CONNINFO="host=127.0.0.1 port=$PGPORT dbname=jobloop user=ext_worker"
 
+# Under memcheck the worker is the ASan build: its reports go where the cluster's do, so that
+# jl_sanitize_findings counts them, and leaks count too (the program frees what it drops).
+WORKER_ENV=()
+if [[ -n "${JL_SANITIZE:-}" ]]; then
+    WORKER_ENV=("ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:disable_coredump=1:handle_segv=1:handle_abort=1:log_path=$JL_SANITIZE_DIR/reports/asan-jobloop-worker")
+fi
+
 # start_worker NAME: jobloop-worker --name=NAME in the background, its log in $WORK/NAME.log.
 start_worker() {
-    "$WORKER_BIN" --name="$1" "$CONNINFO" 2>>"$WORK/$1.log" &
+    env "${WORKER_ENV[@]}" "$WORKER_BIN" --name="$1" "$CONNINFO" 2>>"$WORK/$1.log" &
     PIDS[$1]=$!
 }
 attached() {    # attached NAME: its worker is in worker_stats(), with its pid
@@ -162,7 +169,7 @@ out=$("$WORKER_BIN" 2>&1) && rc=0 || rc=$?
 tap_ok $? "no CONNINFO: exit 1, saying a connection string is needed" "exit $rc: $out"
 
 # ---- role ---------------------------------------------------------------------------------
-out=$(timeout 20 "$WORKER_BIN" --name=outsider \
+out=$(timeout 20 env "${WORKER_ENV[@]}" "$WORKER_BIN" --name=outsider \
       "host=127.0.0.1 port=$PGPORT dbname=jobloop user=ext_outsider" 2>&1) && rc=0 || rc=$?
 tap_is "$rc" 1 "a role outside jobloop_worker: exit 1 at once (no retrying)"
 [[ "$out" == *"must be a member of jobloop_worker"* && "$out" == *"SQLSTATE 42501"* ]]
