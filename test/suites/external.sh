@@ -26,6 +26,8 @@
 #            which only this job uses, is established): jobloop.cancel() makes it
 #            cancelled, ext-b closes that connection (the call is aborted, not waited
 #            out) within 3 s, and the API never sees a second request for the job
+#   reconnect  the server crashes and restarts: ext-b connects and attaches again by itself
+#            (with backoff) and serves new jobs; then SIGTERM ends it with status 0
 #
 # Counted, not timed: the waits are deadlines on conditions.
 # shellcheck disable=SC2317  # functions run through jl_wait_for look unreachable
@@ -74,7 +76,7 @@ jl_cluster_start "jobloop.workers = 0" \
     "jobloop.allowed_hosts = '127.0.0.1,127.0.0.2'" >&2 || tap_bail "could not start a cluster"
 jl_mock_start >&2 || tap_bail "could not start the mock API"
 jl_on_exit stop_workers
-tap_plan 21
+tap_plan 24
 
 jl_psql >/dev/null <<SQL || tap_bail "setup failed"
 CREATE EXTENSION jobloop;
@@ -262,6 +264,19 @@ tap_diag "connection closed $(( ($(_jl_now_us) - start_us) / 1000 )) ms after th
 logged() { grep -q "tag=cancel&" "$JL_MOCK_LOG2"; }
 jl_wait_for 15 logged || true
 tap_is "$(grep -c "tag=cancel&" "$JL_MOCK_LOG2")" 1 "the API saw the cancelled job's call once, never again"
+
+# ---- reconnect ----------------------------------------------------------------------------
+# The server crashes and comes back (pg_ctl stop -m immediate, start): ext-b connects again
+# by itself (backoff 1, 2, 4 ... s) and serves the jobs submitted afterwards.
+jl_cluster_restart_immediate >&2 || tap_bail "the cluster did not restart"
+jl_wait_for 30 attached ext-b
+tap_ok $? "after the server's crash and restart, ext-b attaches again by itself" \
+    "$(tail -n 8 "$WORK/ext-b.log")"
+grep -q "connecting again in" "$WORK/ext-b.log"
+tap_ok $? "... and its log says it lost the connection and connected again" "$(tail -n 8 "$WORK/ext-b.log")"
+submit again 20 3 /json
+jl_wait_for 30 all_status again 20 completed
+tap_is "$(exact again 20 3)" "20 60 60" "20 jobs x 3 steps submitted after the restart complete, each step once"
 
 # ---- stop ---------------------------------------------------------------------------------
 kill -TERM "${PIDS[ext-b]}"
