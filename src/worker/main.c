@@ -24,16 +24,25 @@
 #include <limits.h>
 #include <poll.h>
 #include <time.h>
+#include <unistd.h>
 
 #define BACKOFF_MIN_MS	1000
 #define BACKOFF_MAX_MS	30000
 
 static volatile sig_atomic_t stop_requested = 0;
 static volatile sig_atomic_t stop_signal = 0;
+volatile sig_atomic_t exit_on_stop = 0;
 
 static void
 handle_stop(int signo)
 {
+	/*
+	 * In a blocking libpq call (the attach) there is nothing to abort, and
+	 * libpq would retry its wait after the signal: leave at once.  The
+	 * server ends the session when the socket closes.
+	 */
+	if (exit_on_stop)
+		_exit(0);
 	stop_requested = 1;
 	stop_signal = signo;
 }

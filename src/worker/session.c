@@ -196,19 +196,24 @@ session_connect(volatile sig_atomic_t *stop, bool *fatal)
 	*fatal = false;
 	if ((conn = connect_async(stop, fatal)) == NULL)
 		return NULL;
+	/* two short blocking commands: a SIGTERM meanwhile exits at once (main.c) */
+	exit_on_stop = 1;
+	if (*stop)
+		_exit(0);
 	res = PQexec(conn, "LISTEN " "jobloop");
 	ok = exec_ok(conn, "LISTEN jobloop", res, PGRES_COMMAND_OK, fatal);
 	PQclear(res);
-	if (!ok)
+	if (ok)
 	{
-		PQfinish(conn);
-		return NULL;
+		snprintf(pid, sizeof(pid), "%d", (int) getpid());
+		params[0] = worker_options.name;
+		params[1] = pid;
+		res = PQexecParams(conn, ATTACH_SQL, 2, NULL, params, NULL, NULL, 0);
+		ok = exec_ok(conn, "jobloop.worker_attach()", res, PGRES_TUPLES_OK, fatal);
 	}
-	snprintf(pid, sizeof(pid), "%d", (int) getpid());
-	params[0] = worker_options.name;
-	params[1] = pid;
-	res = PQexecParams(conn, ATTACH_SQL, 2, NULL, params, NULL, NULL, 0);
-	ok = exec_ok(conn, "jobloop.worker_attach()", res, PGRES_TUPLES_OK, fatal);
+	else
+		res = NULL;
+	exit_on_stop = 0;
 	if (ok && (PQntuples(res) != 1 || PQnfields(res) != 1 || PQgetisnull(res, 0, 0)))
 	{
 		worker_log(LOG, "jobloop.worker_attach() returned no worker number");

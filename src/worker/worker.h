@@ -71,6 +71,7 @@ typedef enum TurnState
 	TURN_WAITING				/* sent; waiting for the reply */
 } TurnState;
 
+extern volatile sig_atomic_t exit_on_stop;	/* main.c: SIGTERM exits at once */
 extern PGconn *session_connect(volatile sig_atomic_t *stop, bool *fatal);
 extern bool session_send_turn(PGconn *conn, StringInfo report);
 extern int	session_flush(PGconn *conn);
