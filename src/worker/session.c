@@ -293,6 +293,32 @@ notification_wakes(const char *payload)
 	return strncmp(s, "\"pending\"", 9) == 0 || strncmp(s, "\"cancelled\"", 11) == 0;
 }
 
+static void
+free_settings(WireSettings *settings)
+{
+	if (settings->allowed_hosts)
+		pfree(settings->allowed_hosts);
+	if (settings->http2_prior_knowledge)
+		pfree(settings->http2_prior_knowledge);
+	settings->allowed_hosts = settings->http2_prior_knowledge = NULL;
+}
+
+/* Decode a reply's actions, all or none: the count decoded, n if all were. */
+static uint32
+decode_actions(WireReader *r, WireAction *actions, uint32 n)
+{
+	uint32		got = 0;
+
+	while (got < n && wire_get_action(r, &actions[got]))
+		got++;
+	if (got == n && wire_at_end(r))
+		return n;
+	/* a failed action left nothing allocated; those before it did */
+	for (uint32 i = 0; i < got; i++)
+		wire_free_action(&actions[i]);
+	return got;
+}
+
 /* Decode a reply whole, then apply it; false if it does not decode. */
 static bool
 apply_reply(const char *data, size_t len, int32 *wait_ms)
@@ -302,8 +328,8 @@ apply_reply(const char *data, size_t len, int32 *wait_ms)
 	bool		has_settings;
 	int32		worker;
 	uint32		n;
+	uint32		got;
 	WireAction *actions;
-	uint32		got = 0;
 
 	wire_reader_init(&r, data, len);
 	if (!wire_get_reply_header(&r, &worker, wait_ms, &has_settings, &settings, &n))
@@ -315,26 +341,22 @@ apply_reply(const char *data, size_t len, int32 *wait_ms)
 	{
 		worker_log(LOG, "the server's reply is for worker %d, this is worker %d",
 				   (int) worker, session_worker_number);
+		free_settings(&settings);
 		return false;
 	}
-	actions = n > 0 ? palloc(n * sizeof(WireAction)) : NULL;
-	while (got < n && wire_get_action(&r, &actions[got]))
-		got++;
-	if (got < n || !wire_at_end(&r))
+	actions = palloc(Max(n, 1) * sizeof(WireAction));
+	if ((got = decode_actions(&r, actions, n)) != n)
 	{
-		worker_log(LOG, "the server's reply to a turn does not decode (action %u of %u)",
-				   got + 1, n);
-		if (actions && got < n)
-			wire_free_action(&actions[got]);
-		for (uint32 i = 0; i < got; i++)
-			wire_free_action(&actions[i]);
-		if (actions)
-			pfree(actions);
+		worker_log(LOG, "the server's reply to a turn does not decode (action %u of %u, or "
+				   "bytes after the last)", got + 1, n);
+		pfree(actions);
+		free_settings(&settings);
 		return false;
 	}
 	/* the settings first: the calls of this reply start under them */
 	if (has_settings)
 		settings_apply(&settings);
+	free_settings(&settings);
 	for (uint32 i = 0; i < n; i++)
 	{
 		if (actions[i].kind == WIRE_ACTION_SEND)
@@ -343,16 +365,8 @@ apply_reply(const char *data, size_t len, int32 *wait_ms)
 			calls_abort(actions[i].transfer);
 		wire_free_action(&actions[i]);
 	}
-	if (actions)
-		pfree(actions);
-	if (settings.allowed_hosts)
-		pfree(settings.allowed_hosts);
-	if (settings.http2_prior_knowledge)
-		pfree(settings.http2_prior_knowledge);
-	if (*wait_ms < 0)
-		*wait_ms = 0;
-	if (*wait_ms > MAX_WAIT_MS)
-		*wait_ms = MAX_WAIT_MS;
+	pfree(actions);
+	*wait_ms = Max(0, Min(*wait_ms, MAX_WAIT_MS));
 	worker_log(DEBUG1, "turn: %u action(s), back in %d ms", n, (int) *wait_ms);
 	return true;
 }
