@@ -139,7 +139,10 @@ CREATE EXTENSION jobloop;
 CREATE ROLE mh_worker LOGIN PASSWORD '$MH_PASSWORD';
 CREATE SCHEMA mh;
 -- One row per step the business logic applied: a step applied twice shows up here.
-CREATE TABLE mh.applied (tag text, j int, n int, at timestamptz DEFAULT clock_timestamp());
+-- pid: the backend that ran the step (an external worker's turns run in the backend of
+-- its connection), to tell which worker applied it.
+CREATE TABLE mh.applied (tag text, j int, n int, at timestamptz DEFAULT clock_timestamp(),
+                         pid int DEFAULT pg_backend_pid());
 CREATE FUNCTION mh.req(s jsonb) RETURNS jsonb LANGUAGE sql AS \$\$
     SELECT jsonb_strip_nulls(jsonb_build_object(
         'url', (s->>'base') || (s->>'path')
@@ -259,7 +262,10 @@ worker_start() {    # worker_start HOST: jobloop-worker in HOST's namespace, hos
     # --turn-timeout 10: a worker whose cable is pulled gives its connection up after 10 s
     # rather than the default 60, which only shortens the suite.
     local env=("PGPASSWORD=$MH_PASSWORD")
-    [[ -n "${JL_SANITIZE:-}" ]] && env+=("ASAN_OPTIONS=$(_jl_asan_options "$WORK/worker-$host")")
+    # Under memcheck the worker is the ASan build: its reports go where the cluster's do
+    # (jl_sanitize_findings counts them), leaks included, as in test/suites/external.sh.
+    [[ -n "${JL_SANITIZE:-}" ]] \
+        && env+=("ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:disable_coredump=1:handle_segv=1:handle_abort=1:log_path=$JL_SANITIZE_DIR/reports/asan-jobloop-worker-$host")
     # nsenter itself, not jl_netns_exec: a function run with & is a subshell, and $! would
     # be that shell's pid rather than the worker's (nsenter and env exec the program).
     nsenter --net="/run/netns/$JL_NETNS_PREFIX-$host" -- env "${env[@]}" \
@@ -431,9 +437,11 @@ w1_busy() {
     fi
 }
 jl_wait_for 30 w1_busy || { tap_diag "$(worker_diag)"; tap_bail "$CUT_HOST never had calls in flight"; }
+W1_PID=0
 if [[ -z "$INSERVER" ]]; then
-    W1_WORKER=$(q "SELECT s.worker FROM jobloop.worker_stats() s JOIN pg_stat_activity a ON a.pid = s.pid
-                    WHERE a.client_addr = '$W1_ADDR'")
+    IFS='|' read -r W1_WORKER W1_PID < <(q "SELECT s.worker, s.pid FROM jobloop.worker_stats() s
+                                             JOIN pg_stat_activity a ON a.pid = s.pid
+                                            WHERE a.client_addr = '$W1_ADDR'")
 fi
 jl_netns_link "$CUT_HOST" down
 t_cut=$(q "SELECT extract(epoch FROM clock_timestamp())")
@@ -494,10 +502,11 @@ load_log
 tap_sql_ok "cut: every job completed exactly once: 10 steps each, each step applied once" \
     "$(exact_sql cut 60 10)" "$(exact_diag cut)
      UNION ALL
-     SELECT format('steps applied twice: %s, the second time %s to %s s after the cut (the cable was back at %s s)',
-                   count(*), round(min(t2) - $t_cut, 1), round(max(t2) - $t_cut, 1), round($t_up - $t_cut, 1))
-       FROM (SELECT j, n, extract(epoch FROM max(at)) t2 FROM mh.applied WHERE tag = 'cut'
-              GROUP BY j, n HAVING count(*) > 1) d"
+     SELECT format('steps applied twice: %s, the second time %s to %s s after the cut (the cable was back at %s s), %s of them by w1''s backend (pid %s)',
+                   count(*), round(min(t2) - $t_cut, 1), round(max(t2) - $t_cut, 1), round($t_up - $t_cut, 1),
+                   count(*) FILTER (WHERE p2 = $W1_PID), $W1_PID)
+       FROM (SELECT j, n, extract(epoch FROM max(at)) t2, (array_agg(pid ORDER BY at DESC))[1] p2
+               FROM mh.applied WHERE tag = 'cut' GROUP BY j, n HAVING count(*) > 1) d"
 tap_sql_ok "cut: the batches after the cable came back too (2 steps each, applied once)" \
     "SELECT bool_and(ok) FROM (
         SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = t AND status = 'completed' AND step = 2)
