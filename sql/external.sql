@@ -72,6 +72,9 @@ SELECT substr(jobloop.worker_turn(
 BEGIN;
 SELECT jobloop.worker_turn('\x4a4c52310000000000');
 ROLLBACK;
+-- ... and so is a turn inside an exception block (a failed turn's memory
+-- would outlive its rollback).
+DO $$ BEGIN PERFORM jobloop.worker_turn('\x4a4c52310000000000'); EXCEPTION WHEN division_by_zero THEN NULL; END $$;
 -- Malformed reports: refused before anything changed.
 SELECT jobloop.worker_turn('\x4a4c52');
 SELECT jobloop.worker_turn('\x4a4c52320000000000');
@@ -91,6 +94,15 @@ SELECT jobloop.worker_detach() >= 0 AS detached;
 SELECT jobloop.worker_detach();
 RESET ROLE;
 SELECT count(*) AS external_workers FROM jobloop.worker_stats() WHERE host IS NOT NULL;
+
+-- A session with temporary objects is no worker: they come first in name
+-- lookup, under the business logic of the jobs' owners.
+\c
+SET ROLE regress_jobloop_worker;
+CREATE TEMP TABLE orders (id int);
+SELECT jobloop.worker_attach('regress-host', 4242);
+RESET ROLE;
+DROP TABLE orders;
 SELECT jobloop.resume() IS NOT NULL AS resumed;
 REVOKE USAGE ON SCHEMA jobloop FROM regress_jobloop_notworker;
 DROP ROLE regress_jobloop_worker, regress_jobloop_notworker;

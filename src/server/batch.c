@@ -458,6 +458,15 @@ advance_isolated(Advance *a)
 		MemoryContextSwitchTo(batch_cxt);
 		CurrentResourceOwner = owner;
 
+		/*
+		 * In an external worker's turn (remote.c) a cancel that is not
+		 * jobloop.function_timeout's -- pg_cancel_backend() on its backend --
+		 * is not the job's fault: the whole turn ends, and with it the session.
+		 */
+		if (batch_in_caller_transaction && edata->sqlerrcode == ERRCODE_QUERY_CANCELED &&
+			!logic_cancel_was_ours())
+			ReThrowError(edata);
+
 		/* nothing of this step stands: the job keeps its committed state */
 		a->new_state = NULL;
 		a->completed = false;
@@ -580,13 +589,17 @@ process_response(HeldJob *job, TimestampTz now)
 	char	   *error = NULL;
 	bool		retryable = false;
 
+	/*
+	 * The transport's error text goes when the transfer is done (below), before
+	 * the update that records it: copy it into the batch's memory.
+	 */
 	if (res->refused)
-		error = res->error;
+		error = pstrdup(res->error);
 	else if (res->too_large)
 		error = psprintf("response exceeds jobloop.max_response_size (%d bytes)", jobloop_max_response_size);
 	else if (res->curl_code != 0)
 	{
-		error = res->error;
+		error = pstrdup(res->error);
 		retryable = !res->permanent;
 	}
 	else if (retryable_status(res->status))

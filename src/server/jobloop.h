@@ -88,6 +88,7 @@ typedef struct WorkerSlot
 	int64		overrun_job;	/* its function ignored the cancel; 0: none */
 	int32		overrun_step;	/* ... at this step */
 	Oid			overrun_fn;
+	Oid			overrun_database;	/* where overrun_job is */
 	bool		connect_failed; /* its last start found no database to connect to */
 	/* an external worker (jobloop-worker): pid above is its connection's backend */
 	bool		external;
@@ -184,6 +185,7 @@ extern void logic_capture_search_path(void);
 extern void logic_use_search_path(const char *path);
 extern void logic_begin_job(int64 job_id, int32 step);
 extern char *logic_failure_text(ErrorData *edata);
+extern bool logic_cancel_was_ours(void);
 extern char *logic_take_overrun(int64 *job_id, int32 *step);
 extern void logic_end_job(bool aborted);
 extern void logic_stop_timers(void);
@@ -384,6 +386,7 @@ extern const Transport local_transport;
 extern void turn_init(int worker);
 extern bool turn_run(bool *batched);
 extern long turn_wait_ms(TimestampTz now);
+extern bool turn_leases_may_have_lapsed(TimestampTz now);
 
 /* ---- remote.c: the turns of an external worker, over its connection ---- */
 extern const Transport remote_transport;

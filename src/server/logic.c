@@ -105,6 +105,7 @@ overrun_handler(void)
 		slot->overrun_job = current.job_id;
 		slot->overrun_step = current.step;
 		slot->overrun_fn = current.fn;
+		slot->overrun_database = MyDatabaseId;
 	}
 	ProcDiePending = true;
 	InterruptPending = true;
@@ -227,6 +228,7 @@ logic_begin_job(int64 job_id, int32 step)
 	current.job_id = job_id;
 	current.step = step;
 	current.running = false;
+	cancel_fired = false;		/* a cancel of an earlier job's call says nothing about this one */
 }
 
 static void
@@ -325,6 +327,13 @@ logic_failure_text(ErrorData *edata)
 	return pstrdup(edata->message);
 }
 
+/* Was the last cancel jobloop.function_timeout's (and not someone's pg_cancel_backend)? */
+bool
+logic_cancel_was_ours(void)
+{
+	return cancel_fired;
+}
+
 /*
  * Our predecessor in this slot stopped itself because a function ignored
  * its cancellation (see overrun_handler): the reason for that job's
@@ -336,7 +345,8 @@ logic_take_overrun(int64 *job_id, int32 *step)
 	WorkerSlot *slot = shared_slot(my_worker_number);
 	char	   *reason;
 
-	if (slot == NULL || slot->overrun_job == 0)
+	/* an external worker's slot may have served another database before */
+	if (slot == NULL || slot->overrun_job == 0 || slot->overrun_database != MyDatabaseId)
 		return NULL;
 	*job_id = slot->overrun_job;
 	*step = slot->overrun_step;

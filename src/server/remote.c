@@ -39,6 +39,7 @@
 #include "jobloop.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
@@ -49,6 +50,7 @@
 #include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/snapmgr.h"
+#include "utils/timeout.h"
 
 #include "wire.h"
 
@@ -250,6 +252,43 @@ database_search_path(void)
 	return path ? path : MemoryContextStrdup(TopMemoryContext, "\"$user\", public");
 }
 
+/*
+ * Where a worker's session may attach, turn or detach: at the top level of
+ * its own transaction, one turn per transaction (an EXCEPTION block would
+ * let a failed turn's memory survive its rollback); READ COMMITTED and
+ * read-write, as a background worker's batch; and without temporary
+ * objects, which come first in name lookup and would let the worker's role
+ * slip its own code under a job owner's business logic.
+ */
+static void
+require_worker_session(const char *what)
+{
+	Oid			temp_namespace;
+	Oid			temp_toast_namespace;
+
+	if (IsTransactionBlock())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("%s cannot run inside a transaction block", what),
+				 errdetail("The calls a turn starts must leave only after its transaction commits.")));
+	if (GetCurrentTransactionNestLevel() != 1 || turn_in_transaction)
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("%s must run alone in its own transaction", what),
+				 errdetail("Not inside a subtransaction or an exception block, and one turn per transaction.")));
+	if (XactReadOnly || IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("%s needs a read-write READ COMMITTED transaction", what)));
+	GetTempNamespaceState(&temp_namespace, &temp_toast_namespace);
+	if (OidIsValid(temp_namespace))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("a session that has made temporary objects cannot serve jobloop jobs"),
+				 errdetail("Business logic runs in this session as the jobs' owners, and temporary objects come first in name lookup."),
+				 errhint("Connect jobloop-worker with a session of its own.")));
+}
+
 /* Run as the bootstrap superuser, as background workers do; the caller restores. */
 typedef struct TurnContext
 {
@@ -261,6 +300,16 @@ typedef struct TurnContext
 static void
 enter_worker_context(TurnContext *cxt)
 {
+	/*
+	 * The session's own settings must not weaken the batch: step results
+	 * durable before the reply (until the commit, hence LOCAL and outside
+	 * our nesting level), and no timeout of the session's cancelling a job's
+	 * call as if it were the job's fault.
+	 */
+	if (synchronous_commit < SYNCHRONOUS_COMMIT_ON)
+		(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
+	disable_timeout(STATEMENT_TIMEOUT, false);
 	GetUserIdAndSecContext(&cxt->saved_userid, &cxt->saved_sec_context);
 	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
 						   cxt->saved_sec_context | SECURITY_LOCAL_USERID_CHANGE);
@@ -269,6 +318,10 @@ enter_worker_context(TurnContext *cxt)
 	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 	(void) set_config_option("jit", "off", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("statement_timeout", "0", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("lock_timeout", "0", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 }
 
@@ -337,10 +390,7 @@ jobloop_worker_attach(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("host must have 1 to %d characters",
 						(int) sizeof(((WorkerSlot *) NULL)->host) - 1)));
-	if (IsTransactionBlock())
-		ereport(ERROR,
-				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
-				 errmsg("jobloop.worker_attach() cannot run inside a transaction block")));
+	require_worker_session("jobloop.worker_attach()");
 	require_primary("attach a worker");
 
 	database = get_database_name(MyDatabaseId);
@@ -486,6 +536,8 @@ apply_results(Reported *results, uint32 n)
 		{
 			res->body = NULL;
 			res->body_len = 0;
+			res->headers = NULL;
+			res->headers_len = 0;
 			res->too_large = true;
 		}
 		if ((res->curl_code != 0 || res->refused) && res->error == NULL)
@@ -548,11 +600,21 @@ jobloop_worker_turn(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("this session is not a jobloop worker"),
 				 errhint("Call jobloop.worker_attach() first.")));
-	if (IsTransactionBlock())
-		ereport(ERROR,
-				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
-				 errmsg("jobloop.worker_turn() cannot run inside a transaction block"),
-				 errdetail("The calls a turn starts must leave only after its transaction commits.")));
+	require_worker_session("jobloop.worker_turn()");
+	if (turn_leases_may_have_lapsed(GetCurrentTimestamp()))
+	{
+		/*
+		 * No turn for longer than jobloop.lease_timeout (a network cut, a
+		 * stopped process): other workers may have taken our jobs, and their
+		 * business logic must not run here too.
+		 */
+		lost = true;
+		ereport(FATAL,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("jobloop worker %d lost its jobs: no turn for longer than jobloop.lease_timeout (%d s)",
+						my_worker, jobloop_lease_timeout),
+				 errdetail("Other workers may have taken them; jobloop-worker reconnects.")));
+	}
 	require_arg(fcinfo, 0, "report");
 	report = PG_GETARG_BYTEA_PP(0);
 	results = decode_report(report, &flags, &nresults);
@@ -607,6 +669,7 @@ jobloop_worker_detach(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("this session is not a jobloop worker")));
+	require_worker_session("jobloop.worker_detach()");
 	n = held_count();
 	jobs = palloc(Max(n, 1) * sizeof(HeldJob *));
 	ids = palloc(Max(n, 1) * sizeof(int64));

@@ -30,6 +30,7 @@ const Transport *transport = &local_transport;
 
 static int	my_worker;
 static TimestampTz next_heartbeat = 0;
+static TimestampTz last_heartbeat = 0;
 static HeldJob **responded;
 static HeldJob **parked;
 
@@ -103,7 +104,10 @@ turn_run(bool *batched)
 		*batched = true;
 	}
 	if (heartbeat)
+	{
+		last_heartbeat = now;
 		next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
+	}
 	held_send_due(GetCurrentTimestamp());
 	return true;
 }
@@ -131,4 +135,16 @@ turn_wait_ms(TimestampTz now)
 	if (next <= now)
 		return 0;
 	return (long) Min((next - now + 999) / 1000, 60000);
+}
+
+/*
+ * Could the leases of the jobs we hold have run out?  Every job's lease
+ * was renewed (or taken) at the last heartbeat or later, for
+ * jobloop.lease_timeout: after that, another worker may have taken it.
+ */
+bool
+turn_leases_may_have_lapsed(TimestampTz now)
+{
+	return held_count() > 0 && last_heartbeat != 0 &&
+		now > last_heartbeat + (TimestampTz) jobloop_lease_timeout * USECS_PER_SEC;
 }
