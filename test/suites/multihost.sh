@@ -67,6 +67,12 @@ API_ADDR=$NET.21
 API_ADDR2=$NET.22
 
 # ==== outside: make the LAN, then run the rest inside the database host ======================
+_mh_stop_inner() {
+    _jl_pid_alive "$1" || return 0
+    kill -TERM "$1" 2>/dev/null
+    jl_wait_for 60 _jl_pid_gone "$1" || kill -KILL "$1" 2>/dev/null
+    return 0
+}
 if [[ -z "${MH_INNER:-}" ]]; then
     if ! why=$(jl_netns_check); then
         # Skipping is only for a developer's unprivileged run; CI is root, where a missing
@@ -83,8 +89,15 @@ if [[ -z "${MH_INNER:-}" ]]; then
     # The pid makes the names unique among concurrent runs (each has its own LAN).
     jl_netns_lan "jlmh$$" db="$DB_ADDR" w1="$W1_ADDR" w2="$W2_ADDR" api="$API_ADDR,$API_ADDR2" >&2 \
         || tap_bail "could not make the network namespaces"
+    # In the background, and waited for: bash runs a trap only once its foreground command
+    # is done, so a TERM for this script would otherwise wait for the whole suite.  At exit
+    # the inner script gets the TERM and stops its daemons before the namespaces go.
+    # (nsenter and env exec, so $! is the inner bash itself.)
+    nsenter --net="/run/netns/$JL_NETNS_PREFIX-db" -- env MH_INNER=1 JL_BUILD='' bash "$0" &
+    inner=$!
+    jl_on_exit _mh_stop_inner "$inner"
     rc=0
-    jl_netns_exec db env MH_INNER=1 JL_BUILD='' bash "$0" || rc=$?
+    wait "$inner" || rc=$?
     exit "$rc"
 fi
 
