@@ -673,7 +673,8 @@ static void
 claim(TimestampTz now)
 {
 	int			free_slots = jobloop_max_in_flight - held_count();
-	int			share = Max(MAX_CLAIM / Max(jobloop_workers, 1), 100);
+	/* background and external workers of this database share a burst alike */
+	int			share = Max(MAX_CLAIM / Max(Max(shared_live_workers_here(), jobloop_workers), 1), 100);
 	int			limit = Min(free_slots, share);
 	int			peer;
 	ClaimedJob *claimed;

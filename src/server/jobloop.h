@@ -109,6 +109,7 @@ extern bool shared_available(void);
 extern void shared_attach_worker(int worker, const char *database_name);
 extern int	shared_attach_external(const char *database_name, const char *host, int32 remote_pid);
 extern void shared_detach_worker(int worker);
+extern int	shared_live_workers_here(void);
 extern int	shared_total_workers(void);
 extern int	shared_database_workers(const char *database, int *workers, int max);
 extern bool shared_serves_database(const char *name);

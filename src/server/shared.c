@@ -333,3 +333,21 @@ shared_take_cancels(int worker, int64 *ids, int max, bool *overflow)
 	SpinLockRelease(&slot->mutex);
 	return n;
 }
+
+/* How many workers, background or external, run in this backend's database now. */
+int
+shared_live_workers_here(void)
+{
+	int			n = 0;
+
+	for (int w = 1; shared && w <= shared->nslots; w++)
+	{
+		WorkerSlot *slot = slot_for(w);
+
+		SpinLockAcquire(&slot->mutex);
+		if (slot->pid != 0 && slot->database == MyDatabaseId)
+			n++;
+		SpinLockRelease(&slot->mutex);
+	}
+	return n;
+}

@@ -209,6 +209,8 @@ main(int argc, char **argv)
 			backoff_ms = BACKOFF_MIN_MS;
 			(void) run_session(conn);
 			calls_abort_all();
+			if (stop_requested)
+				session_detach(conn);
 			PQfinish(conn);
 			if (stop_requested)
 				break;
@@ -217,7 +219,7 @@ main(int argc, char **argv)
 		backoff_sleep(backoff_ms);
 		backoff_ms = Min(backoff_ms * 2, BACKOFF_MAX_MS);
 	}
-	/* PQfinish above ended the session: the server frees our jobs now */
+	/* the jobs went back (session_detach), or go when the server sees the session end */
 	worker_log(LOG, "stopped by signal %d", (int) stop_signal);
 	return 0;
 }

@@ -30,6 +30,14 @@ int			session_worker_number = 0;
 
 /* the outstanding turn: has its result come, and what did it say */
 static bool turn_result_seen = false;
+/*
+ * The turn's reply, kept until libpq has seen the end of the query: with
+ * the extended protocol the server sends the result before it commits the
+ * turn's transaction, and a commit that fails comes as an error after it.
+ * The calls in the reply may start only once the step results before them
+ * are durable.
+ */
+static PGresult *turn_reply = NULL;
 static int32 turn_wait_ms = 0;
 
 /* Did the server refuse us for good: a role that may not, a login that fails? */
@@ -250,6 +258,9 @@ session_send_turn(PGconn *conn, StringInfo report)
 
 	turn_result_seen = false;
 	turn_wait_ms = 0;
+	if (turn_reply)
+		PQclear(turn_reply);
+	turn_reply = NULL;
 	values[0] = report->data;
 	lengths[0] = report->len;
 	if (!PQsendQueryParams(conn, TURN_SQL, 1, types, values, lengths, formats, 1))
@@ -426,29 +437,97 @@ session_read(PGconn *conn, bool expecting, bool *woken, bool *replied, int32 *wa
 	{
 		if ((res = PQgetResult(conn)) == NULL)
 		{
+			bool		ok;
+
 			if (!turn_result_seen)
 			{
 				worker_log(LOG, "a turn returned no result");
 				return false;
 			}
+			/* the end of the query, no error after the reply: it committed */
+			ok = take_reply(turn_reply, &turn_wait_ms);
+			PQclear(turn_reply);
+			turn_reply = NULL;
+			if (!ok)
+				return false;
 			*replied = true;
 			*wait_ms = turn_wait_ms;
 			return true;
 		}
-		/* one result, then the end; a second one is a protocol surprise */
+		/* one result, then the end; anything else (a failed commit) fails the turn */
 		if (turn_result_seen)
 		{
-			worker_log(LOG, "a turn returned more than one result");
+			if (PQresultStatus(res) != PGRES_TUPLES_OK)
+				(void) take_reply(res, &turn_wait_ms);	/* logs why */
+			else
+				worker_log(LOG, "a turn returned more than one result");
 			PQclear(res);
 			return false;
 		}
 		turn_result_seen = true;
-		if (!take_reply(res, &turn_wait_ms))
+		if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		{
+			(void) take_reply(res, &turn_wait_ms);	/* logs why */
 			PQclear(res);
 			return false;
 		}
-		PQclear(res);
+		turn_reply = res;
 	}
 	return true;
+}
+
+/*
+ * A clean stop, with the calls aborted: give this worker's jobs back now
+ * (jobloop.worker_detach()) rather than when the server notices the
+ * session is gone.  Bounded: a server that does not answer within
+ * DETACH_TIMEOUT_MS is left to free them that way.
+ */
+#define DETACH_TIMEOUT_MS	5000
+
+void
+session_detach(PGconn *conn)
+{
+	TimestampTz deadline = GetCurrentTimestamp() + (TimestampTz) DETACH_TIMEOUT_MS * 1000;
+	PGresult   *res;
+	int			given_back = -1;
+
+	/* a turn still outstanding: its reply cannot be taken back; let the session end do it */
+	if (PQisBusy(conn) || !PQsendQuery(conn, "SELECT jobloop.worker_detach()"))
+		return;
+	for (;;)
+	{
+		int			flushed = PQflush(conn);
+		struct pollfd fd;
+		TimestampTz now = GetCurrentTimestamp();
+
+		if (flushed < 0 || now >= deadline)
+			return;
+		if (flushed == 0)
+		{
+			if (!PQconsumeInput(conn))
+				return;
+			if (!PQisBusy(conn))
+				break;
+		}
+		fd.fd = PQsocket(conn);
+		fd.events = POLLIN | (flushed == 1 ? POLLOUT : 0);
+		fd.revents = 0;
+		if (fd.fd < 0 || (poll(&fd, 1, (int) ((deadline - now + 999) / 1000)) < 0 && errno != EINTR))
+			return;
+	}
+	while ((res = PQgetResult(conn)) != NULL)
+	{
+		if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
+			given_back = atoi(PQgetvalue(res, 0, 0));
+		else if (PQresultStatus(res) != PGRES_TUPLES_OK)
+		{
+			char	   *m = result_error(NULL, res);
+
+			worker_log(LOG, "could not give the jobs back: %s", m);
+			pfree(m);
+		}
+		PQclear(res);
+	}
+	if (given_back >= 0)
+		worker_log(LOG, "gave %d jobs back to the server", given_back);
 }

@@ -76,7 +76,7 @@ jl_cluster_start "jobloop.workers = 0" \
     "jobloop.allowed_hosts = '127.0.0.1,127.0.0.2'" >&2 || tap_bail "could not start a cluster"
 jl_mock_start >&2 || tap_bail "could not start the mock API"
 jl_on_exit stop_workers
-tap_plan 24
+tap_plan 25
 
 jl_psql >/dev/null <<SQL || tap_bail "setup failed"
 CREATE EXTENSION jobloop;
@@ -195,6 +195,7 @@ tap_is "$(api_seen basic "$JL_MOCK_LOG")" "1000 1000" "the API saw each of the 1
 tap_diag "steps per worker: $(q "SELECT string_agg(host || ' ' || steps, ', ' ORDER BY host)
                                  FROM jobloop.worker_stats()")"
 
+
 # ---- term ---------------------------------------------------------------------------------
 # As in "kill" below: ext-b is stopped while ext-a claims the jobs.
 A=$(worker_of ext-a)
@@ -207,6 +208,8 @@ tap_diag "ext-a (worker $A) holds $(held_by term "$A") of the 40 long jobs"
 kill -TERM "${PIDS[ext-a]}"
 exit_within 5 "${PIDS[ext-a]}"
 tap_is "$EXIT_RC" 0 "SIGTERM: ext-a exits with status 0 within 5 s"
+rc=0; grep -q "gave 40 jobs back to the server" "$WORK/ext-a.log" || rc=$?
+tap_ok $rc "... having given its 40 jobs back (jobloop.worker_detach())" "$(tail -n 5 "$WORK/ext-a.log")"
 unset 'PIDS[ext-a]'
 B=$(worker_of ext-b)
 moved_to_b() { [[ "$(held_by term "$B")" == 40 ]]; }
