@@ -73,6 +73,15 @@ done
 [[ " $EXT_MODES " != *" external "* || -n "$WORKER_BIN" ]] \
     || jl_die "jobloop-worker is not built (make; make install)"
 
+# What jl_build installed, to notice another run's `make install` replacing it (the
+# system's PostgreSQL is shared by every test run on this machine).
+installed_sum() {
+    sha256sum "$("$JL_PGBIN/pg_config" --pkglibdir)/jobloop.so" \
+        "$("$JL_PGBIN/pg_config" --sharedir)/extension/jobloop.control" ${WORKER_BIN:+"$WORKER_BIN"} \
+        2>/dev/null | sha256sum | cut -c1-16
+}
+INSTALLED=$(installed_sum)
+
 jl_mock_start
 
 # ---------------------------------------------------------------------------------------
@@ -141,6 +150,11 @@ run_one() {
     local mode=$1 run=$2 nworkers pm samples t0 until_s t_commit unfinished steps now
     local deadline failed t_done e2e w0 w1 srv wrk load1 steady i x0 x1 samples_n
     if [[ "$mode" == inserver ]]; then nworkers=2; else nworkers=0; fi
+    if [[ "$(installed_sum)" != "$INSTALLED" ]]; then
+        jl_log "jobloop's installation was replaced (another run's make install): building this tree again"
+        jl_build || jl_die "build failed"
+        INSTALLED=$(installed_sum)
+    fi
     jl_cluster_start "jobloop.workers = $nworkers" "jobloop.max_in_flight = $EXT_IN_FLIGHT" \
         "fsync = on" "synchronous_commit = on" "shared_buffers = 256MB" \
         "max_wal_size = 4GB" "checkpoint_timeout = 30min"
@@ -218,6 +232,10 @@ SQL
     IFS='|' read -r steps failed t_done < <(jl_psql -Atc "
         SELECT coalesce(sum(step), 0), count(*) FILTER (WHERE status <> 'completed'),
                extract(epoch FROM max(finished_at)) FROM jobloop.job")
+    if [[ "$(installed_sum)" != "$INSTALLED" ]]; then
+        invalid_run "$mode" "$run" "jobloop's installation was replaced during the run"
+        return 1
+    fi
     if (( steps != EXT_JOBS * EXT_STEPS || failed > 0 )); then
         invalid_run "$mode" "$run" "$steps steps of $(( EXT_JOBS * EXT_STEPS )), $failed jobs not completed"
         return 1
