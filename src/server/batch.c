@@ -794,6 +794,41 @@ let_go_of_paused(TimestampTz now)
 }
 
 /*
+ * The jobs whose calls answered that are no longer ours (store_read_ours)
+ * are forgotten, their results unread: their step runs where they are now.
+ * Sets the entries of the jobs forgotten to NULL.
+ */
+static void
+keep_only_ours(HeldJob **responded, int n)
+{
+	int64	   *ids = palloc(n * sizeof(int64));
+	int32	   *steps = palloc(n * sizeof(int32));
+	bool	   *ours = palloc(n * sizeof(bool));
+	int			nlost = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		ids[i] = responded[i]->id;
+		steps[i] = responded[i]->committed_step;
+	}
+	store_read_ours(ids, steps, n, ours);
+	for (int i = 0; i < n; i++)
+	{
+		if (ours[i])
+			continue;
+		transport->done(responded[i]->transfer);
+		responded[i]->transfer = NULL;
+		responded[i]->phase = HELD_IDLE;
+		(void) add_pending(responded[i], AFTER_DROP, 0);
+		responded[i] = NULL;
+		nlost++;
+	}
+	if (nlost > 0)
+		elog(LOG, "jobloop worker %d dropped %d answered jobs that are no longer its own",
+			 my_worker_number, nlost);
+}
+
+/*
  * One batch: everything the loop found to do since the last one.
  */
 bool
@@ -849,8 +884,12 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 		u->run_after = parked[i]->not_before;
 	}
 
+	if (nresponded > 0)
+		keep_only_ours(responded, nresponded);
 	for (int i = 0; i < nresponded; i++)
 	{
+		if (responded[i] == NULL)
+			continue;			/* no longer ours: see keep_only_ours */
 		responded[i]->kind = kinds_lookup(responded[i]->kind_name);
 		if (responded[i]->kind == NULL)
 		{

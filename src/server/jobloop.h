@@ -237,6 +237,7 @@ extern int64 *store_held_ids(int *n);
 extern int	store_delete_expired(int limit);
 extern bool store_fold_counts(void);
 extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
+extern void store_read_ours(int64 *ids, int32 *steps, int n, bool *ours);
 typedef enum ExtensionState
 {
 	EXTENSION_MISSING,

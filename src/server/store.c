@@ -787,3 +787,47 @@ store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours)
 		ours[i] = !applied[i] &&
 			bsearch(&updates[i].id, found, nfound, sizeof(int64), compare_int64) != NULL;
 }
+
+/*
+ * Before a batch runs the business logic of jobs whose calls answered:
+ * which of them are still ours at the step we hold (ours[i]).  A job that
+ * is not -- its lease ran out and it was freed or taken by another worker
+ * while we could not renew it (a network cut between jobloop-worker and
+ * the server, a stopped process), or it was cancelled -- must not have its
+ * step() run here: the fence would refuse the state, but what step() wrote
+ * would commit.  A plain read that waits for nobody: a row locked right now
+ * (a cancel in progress) reads as it was, and its update is fenced and
+ * deferred as before.  Leases run for seconds and a batch for milliseconds,
+ * so a lease that lapses between this read and the commit is one that had
+ * gone unrenewed for about lease_timeout already.  Row by row by primary
+ * key, as store_still_ours.
+ */
+void
+store_read_ours(int64 *ids, int32 *steps, int n, bool *ours)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {INT8ARRAYOID, INT4ARRAYOID, INT4OID};
+	Datum		values[3];
+	Datum	   *id_datums = palloc(Max(n, 1) * sizeof(Datum));
+	Datum	   *step_datums = palloc(Max(n, 1) * sizeof(Datum));
+	int64	   *found;
+	int			nfound;
+
+	for (int i = 0; i < n; i++)
+	{
+		id_datums[i] = Int64GetDatum(ids[i]);
+		step_datums[i] = Int32GetDatum(steps[i]);
+	}
+	values[0] = array_of(id_datums, NULL, n, INT8OID);
+	values[1] = array_of(step_datums, NULL, n, INT4OID);
+	values[2] = Int32GetDatum(my_worker);
+	store_run_plan(&plan,
+				   "SELECT u.id FROM unnest($1, $2) AS u(id, from_step)"
+				   " CROSS JOIN LATERAL (SELECT j.worker, j.status, j.step FROM jobloop.job j"
+				   "                      WHERE j.id = u.id OFFSET 0) j"
+				   " WHERE j.worker = $3 AND j.status = 'running' AND j.step = u.from_step",
+				   3, types, values, NULL, SPI_OK_SELECT);
+	found = sorted_ids(&nfound);
+	for (int i = 0; i < n; i++)
+		ours[i] = bsearch(&ids[i], found, nfound, sizeof(int64), compare_int64) != NULL;
+}
