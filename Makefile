@@ -26,11 +26,12 @@ OBJS = \
 	src/server/pause.o \
 	src/server/admin.o \
 	src/server/stats.o \
+	src/server/retention.o \
 	src/server/worker.o
 
 EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
-REGRESS = kinds submit cancel guard privileges limits ops counts upgrade
+REGRESS = kinds submit cancel guard privileges limits ops counts retention upgrade
 # Isolation specs: test/isolation/specs/NAME.spec, expected output in test/isolation/expected/.
 ISOLATION = claim cancel_step submit_claim
 ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop

@@ -37,6 +37,10 @@ SELECT jobloop.cancel(:job1);
 SELECT jobloop.submit('upgrade_kind', '{"v": 3}') AS job3 \gset
 SELECT id, status, state FROM jobloop.status(:job3);
 SELECT pending, cancelled FROM jobloop.stats;
+-- A job that finished before the update stays in jobloop.job (the update moves no rows;
+-- retention deletes it from there); one that finishes after it moves to finished_job.
+SELECT (SELECT count(*) FROM jobloop.job WHERE id = :job2) AS job2_in_job,
+       (SELECT count(*) FROM jobloop.finished_job WHERE id = :job1) AS job1_in_finished_job;
 
 -- A fresh install is at the default version too.
 DROP EXTENSION jobloop;

@@ -117,6 +117,7 @@ extern int	shared_take_cancels(int worker, int64 *ids, int max, bool *overflow);
 #define JOBLOOP_LOCK_KEY			0x6A6C6F6F	/* "jloo" */
 #define JOBLOOP_LOCK_CLAIM_TURN		1
 #define JOBLOOP_LOCK_COUNT_FOLD		2
+#define JOBLOOP_LOCK_PARTITIONS		3
 
 
 /* ---- guard.c: the GUC hooks of jobloop.allowed_hosts (the check itself: engine.h) ---- */
@@ -223,6 +224,7 @@ extern int	store_reap_expired(int64 *held_ids, int nheld);
 extern void store_release(int64 *ids, int n);
 extern int64 *store_held_ids(int *n);
 extern int	store_delete_expired(int limit);
+extern bool store_has_finished_jobs(void);
 extern bool store_fold_counts(void);
 extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
 typedef enum ExtensionState
@@ -349,6 +351,9 @@ extern bool batch_has_deferred(void);
 extern bool batch_claim_wanted;
 extern int	my_worker_number;
 extern TimestampTz batch_next_claim_at;
+
+/* ---- retention.c: finished jobs' partitions, and what they do not cover ---- */
+extern void retention_run(void);
 
 /* ---- worker.c ---- */
 PGDLLEXPORT void jobloop_worker_main(Datum main_arg);

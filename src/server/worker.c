@@ -546,7 +546,12 @@ jobloop_worker_main(Datum main_arg)
 			MemoryContextSwitchTo(loop_cxt);
 		}
 		if (heartbeat)
+		{
+			/* retention: in transactions of its own, after the batch committed */
+			retention_run();
+			MemoryContextSwitchTo(loop_cxt);
 			next_heartbeat = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
+		}
 		if (stats_due != 0 && now >= stats_due)
 			report_stats(now);
 		if (http_close_idle(now) || heartbeat || (held_count() == 0 && !trimmed))
