@@ -127,7 +127,7 @@ tap_is "$(q jobloop "SELECT count(*) FROM jobloop.worker_stats() WHERE database 
 # token that travels with their row.
 new=$(q jobloop "SELECT jobloop.submit('upg', '{\"steps\": 2}', 'upg-t1')")
 q jobloop "SELECT jobloop.wait($new, '30 s')" >/dev/null
-token=$(q jobloop "SELECT key_token FROM jobloop.job WHERE id = $new")
+token=$(q jobloop "SELECT key_token FROM (SELECT id, key_token FROM jobloop.job UNION ALL SELECT id, key_token FROM jobloop.finished_job) j WHERE id = $new")
 tap_is "$(grep -cE "\"jobloop-${token}-[01]\"" "$JL_MOCK_LOG" || true)" "2" \
     "a job submitted after the upgrade is keyed jobloop-<key_token>-<step>"
 
