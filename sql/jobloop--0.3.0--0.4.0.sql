@@ -525,6 +525,13 @@ BEGIN
                                WHERE e.lower_bound < hi AND e.upper_bound > lo);
         part := 'finished_job_' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD_HH24MI');
         BEGIN
+            -- A partition for now (the workers just started, or fell behind): a finish
+            -- that began routing its rows before the attach would find them in the
+            -- default partition, against its new constraint, and fail.  No session may
+            -- be inserting then; a future partition can take no row yet.
+            IF lo <= at THEN
+                LOCK TABLE jobloop.finished_job IN ACCESS EXCLUSIVE MODE;
+            END IF;
             EXECUTE format('CREATE TABLE jobloop.%I (LIKE jobloop.finished_job'
                            ' INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', part);
             EXECUTE format('CREATE INDEX %I ON jobloop.%I (id)', part || '_id_idx', part);
@@ -532,8 +539,8 @@ BEGIN
                            ' WHERE status = ''failed''', part || '_failed_idx', part);
             EXECUTE format('ALTER TABLE jobloop.%I OWNER TO %I', part, owner);
             EXECUTE format('GRANT SELECT ON jobloop.%I TO jobloop_admin', part);
-            -- SHARE UPDATE EXCLUSIVE on finished_job; the default partition is scanned
-            -- (it is empty, or nearly) under ACCESS EXCLUSIVE
+            -- (else) SHARE UPDATE EXCLUSIVE on finished_job; the default partition is
+            -- scanned (it is empty, or nearly) under ACCESS EXCLUSIVE
             EXECUTE format('ALTER TABLE jobloop.finished_job ATTACH PARTITION jobloop.%I'
                            ' FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
             created := created + 1;
