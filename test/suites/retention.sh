@@ -68,7 +68,7 @@ tap_is "$(q "SELECT (SELECT count(*) FROM jobloop.job) || ' ' ||
                       WHERE tableoid <> 'jobloop.finished_job_default'::regclass)")" "0 0 50" \
     "every finished job moved to a partition: none in jobloop.job or in the default partition"
 # the partition of the first job to finish (they may straddle a minute)
-first=$(q "SELECT tableoid::regclass::text FROM jobloop.finished_job ORDER BY finished_at LIMIT 1")
+first_part=$(q "SELECT tableoid::regclass::text FROM jobloop.finished_job ORDER BY finished_at LIMIT 1")
 
 # Expired rows no partition covers: one in the default partition (it finished 2 hours
 # ago), and a finished job in jobloop.job as a version before 0.4.0 left it.
@@ -93,11 +93,11 @@ reading() { [[ "$(q "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USI
                         AND l.relation = 'jobloop.finished_job'::regclass")" == 1 ]]; }
 jl_wait_for 20 reading || tap_bail "the reader did not start"
 
-# $first expires 10 s (retention) after its upper bound; give the workers two heartbeats
+# $first_part expires 10 s (retention) after its upper bound; give the workers two heartbeats
 expired() { [[ "$(q "SELECT upper_bound + interval '14 s' < now() FROM jobloop.finished_job_partitions()
-                      WHERE partition::text = '$first'")" == t ]]; }
+                      WHERE partition::text = '$first_part'")" == t ]]; }
 rc=0; jl_wait_for 100 expired || rc=$?
-tap_ok $rc "$first expired while the reader holds its lock, and is still there" \
+tap_ok $rc "$first_part expired while the reader holds its lock, and is still there" \
     "$(q "SELECT string_agg(partition || ' ' || lower_bound || ' ' || upper_bound, E'\n') FROM jobloop.finished_job_partitions()")"
 tap_ok "$(grep -q 'could not lock jobloop.finished_job within 100 ms' "$JL_PGLOG"; echo $?)" \
     "... the workers gave up their lock after 100 ms, and said so" "$(grep 'jobloop worker' "$JL_PGLOG" | tail -n 5)"
@@ -112,7 +112,7 @@ tap_is "$(q "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jl_
 
 q "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'jl_reader'" >/dev/null
 wait "$reader_pid" 2>/dev/null || true
-gone() { [[ "$(q "SELECT count(*) FROM jobloop.finished_job_partitions() WHERE partition::text = '$first'")" == 0 ]]; }
+gone() { [[ "$(q "SELECT count(*) FROM jobloop.finished_job_partitions() WHERE partition::text = '$first_part'")" == 0 ]]; }
 rc=0; jl_wait_for 30 gone || rc=$?
 tap_ok $rc "once the reader is gone, the expired partition is dropped" \
     "$(grep 'jobloop worker' "$JL_PGLOG" | tail -n 5)"
