@@ -245,7 +245,8 @@ CREATE TABLE jobloop.finished_job_default PARTITION OF jobloop.finished_job DEFA
  * below), and the parent none: pg_restore attaches a dumped partition before it
  * creates the partition's indexes, and an index of the parent would have made
  * one for it at the attach, which the dump's CREATE INDEX would then collide
- * with.  By id for status(), wait() and cancel() (not unique: a unique index
+ * with (tried on 18: "relation ..._id_idx already exists", pg_restore exit
+ * status 1).  By id for status(), wait() and cancel() (not unique: a unique index
  * would have to include finished_at; ids come from jobloop.job's identity, and
  * a row moves, never copies); the failed ones by (kind, finished_at), owner
  * included, for jobloop.errors (as job_failed_kind_idx); and in the default
