@@ -108,6 +108,17 @@ INSERT INTO jobloop.finished_job (id, kind, owner, tenant, status, step, state, 
 SELECT * FROM bench.day_of_jobs(:n, 100000000);
 SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000) AS load_counted_by_row_ms,
        (SELECT count(*) FROM jobloop.job_count_change) AS count_change_rows;
+-- ... which the workers' fold (src/store.c, store_fold_counts) then sums into job_count
+-- in one statement, in a batch of its worker
+SELECT clock_timestamp() AS t0 \gset
+WITH moved AS (
+    DELETE FROM jobloop.job_count_change
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM jobloop.job_count_change FOR UPDATE SKIP LOCKED))
+    RETURNING owner, status, n)
+INSERT INTO jobloop.job_count AS c (owner, status, n)
+SELECT owner, status, sum(n) FROM moved GROUP BY owner, status ORDER BY owner, status
+ON CONFLICT (owner, status) DO UPDATE SET n = c.n + excluded.n;
+SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000) AS fold_of_those_rows_ms;
 VACUUM ANALYZE jobloop.finished_job_20260110_0000;
 SELECT (SELECT count(*) FROM jobloop.finished_job_20260110_0000) AS partition_rows,
        pg_size_pretty(pg_total_relation_size('jobloop.finished_job_20260110_0000')) AS partition_size;
