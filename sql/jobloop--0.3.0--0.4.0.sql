@@ -214,8 +214,10 @@ CREATE OR REPLACE VIEW jobloop.errors WITH (security_invoker = true) AS
 /*
  * Finished jobs in a table partitioned by time of finish, so that retention
  * drops whole partitions instead of deleting rows (bench/README.md, "Results:
- * retention": dropping a day of 714,000 jobs took 50 ms and 16 kB of WAL,
- * against minutes of deletes, ~330 MB of WAL and a VACUUM of every index).
+ * retention by partitions": a day of 714,233 jobs went in 0.3 s and 0.2 MB of
+ * WAL, counting it out of jobloop.stats included, against 2.2 s, 342 MB of WAL
+ * and a VACUUM for the delete loop, which the workers ran at most 20,000 rows
+ * per heartbeat).
  * jobloop.job keeps the unfinished jobs only: its statistics describe the
  * queue, and it stays small whatever the archive holds.
  *
