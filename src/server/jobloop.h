@@ -225,6 +225,7 @@ extern void store_release(int64 *ids, int n);
 extern int64 *store_held_ids(int *n);
 extern int	store_delete_expired(int limit);
 extern bool store_has_finished_jobs(void);
+extern bool store_try_worker_lock(int what);
 extern bool store_fold_counts(void);
 extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
 typedef enum ExtensionState

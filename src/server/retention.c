@@ -26,28 +26,12 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
-#include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
 #define RETENTION_BATCH			1000
 #define RETENTION_ROUNDS		20
-
-/* Only one worker of the database maintains the partitions at a time. */
-static bool
-take_partitions_turn(void)
-{
-	LOCKTAG		tag;
-
-	memset(&tag, 0, sizeof(tag));
-	tag.locktag_field1 = MyDatabaseId;
-	tag.locktag_field2 = JOBLOOP_LOCK_KEY;
-	tag.locktag_field3 = JOBLOOP_LOCK_PARTITIONS;
-	tag.locktag_type = LOCKTAG_USERLOCK;
-	tag.locktag_lockmethodid = DEFAULT_LOCKMETHOD;
-	return LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL;
-}
 
 static void
 maintain_partitions(void)
@@ -64,7 +48,8 @@ maintain_partitions(void)
 	int64		dropped_jobs;
 	int			busy;
 
-	if (!store_has_finished_jobs() || !take_partitions_turn())
+	/* one worker of the database at a time; the others skip it */
+	if (!store_has_finished_jobs() || !store_try_worker_lock(JOBLOOP_LOCK_PARTITIONS))
 		return;
 	store_run_plan(&plan,
 				   "SELECT created, dropped, dropped_jobs, busy"

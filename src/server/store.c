@@ -213,8 +213,8 @@ copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
  * "userlock", which no SQL function can take: an advisory lock could be
  * taken, and held for ever, by any role.
  */
-static bool
-try_worker_lock(int what)
+bool
+store_try_worker_lock(int what)
 {
 	LOCKTAG		tag;
 
@@ -253,7 +253,7 @@ take_turns_if_capped(void)
 		if (SPI_processed == 0)
 			return true;
 	}
-	return try_worker_lock(JOBLOOP_LOCK_CLAIM_TURN);
+	return store_try_worker_lock(JOBLOOP_LOCK_CLAIM_TURN);
 }
 
 /*
@@ -736,7 +736,7 @@ store_fold_counts(void)
 
 	if (!has_job_counts)
 		return false;
-	if (!try_worker_lock(JOBLOOP_LOCK_COUNT_FOLD))
+	if (!store_try_worker_lock(JOBLOOP_LOCK_COUNT_FOLD))
 		return false;
 	store_run_plan(&plan,
 				   "WITH moved AS ("
