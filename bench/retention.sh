@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 #
 # bench/retention.sh -- what retention and finishing a job cost with finished jobs in
-# jobloop.finished_job, partitioned by finished_at (0.4.0): dropping one day of
+# jobloop.finished_job, partitioned by finished_at (0.5.0): dropping one day of
 # BENCH_RETENTION_ROWS finished jobs (714,233 by default, bench/scale.sh's 5M rows over 7
-# days) against deleting it row by row from jobloop.job as before 0.4.0, and finishing
+# days) against deleting it row by row from jobloop.job as before 0.5.0, and finishing
 # jobs with the move trigger against finishing them in place (bench/retention.sql).
 #
 # A throw-away cluster without workers (jobloop.workers = 0: nothing else writes), fsync

@@ -1,17 +1,17 @@
 -- bench/retention.sql -- what retention and finishing cost with finished jobs in
--- jobloop.finished_job, partitioned by finished_at (0.4.0), against rows deleted from
+-- jobloop.finished_job, partitioned by finished_at (0.5.0), against rows deleted from
 -- jobloop.job (bench/retention.sh runs it on a cluster without workers).
 --
 --   (a) one day of :n finished jobs (90% completed, 7% failed, 3% cancelled, a ~200-byte
---       state, as bench/scale_fill.sql), in jobloop.job as before 0.4.0: the workers'
+--       state, as bench/scale_fill.sql), in jobloop.job as before 0.5.0: the workers'
 --       delete loop (src/store.c, store_delete_expired: 1,000 rows a statement) until
 --       the day is gone, then the VACUUM the dead rows need
 --   (b) the same day in its partition of jobloop.finished_job: the workers' retention
 --       (jobloop.maintain_finished_partitions: count the partition's jobs out of
 --       jobloop.stats, then DROP it), and the count alone
 --   (c) what finishing costs: :rounds x 1,000 running jobs finished by the workers'
---       UPDATE, with the move trigger (0.4.0) and with it disabled (the row stays, as
---       before 0.4.0); and the same rows moved by one statement (DELETE ... RETURNING
+--       UPDATE, with the move trigger (0.5.0) and with it disabled (the row stays, as
+--       before 0.5.0); and the same rows moved by one statement (DELETE ... RETURNING
 --       into INSERT), as store_update_jobs could do it without the trigger
 -- Each phase starts after a CHECKPOINT, so that each pays the same full-page images
 -- (and each finishing round after a VACUUM of jobloop.job).
@@ -57,7 +57,7 @@ LANGUAGE sql AS $$
               FROM (SELECT g, random() AS r FROM generate_series(1, n) g) x) y
 $$;
 
-\echo '######## (a) the delete loop, on jobloop.job (finished jobs as before 0.4.0)'
+\echo '######## (a) the delete loop, on jobloop.job (finished jobs as before 0.5.0)'
 SELECT clock_timestamp() AS t0 \gset
 INSERT INTO jobloop.job (kind, owner, tenant, status, step, state, last_error, attempts,
                          run_after, created_at, updated_at, started_at, finished_at)
@@ -98,7 +98,7 @@ SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000) 
        pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), :'lsn0')) AS vacuum_wal;
 
 \echo '######## (b) dropping the day''s partition of jobloop.finished_job'
-SELECT created FROM jobloop.maintain_finished_partitions('7 days', '2026-01-10 12:00:00+00');
+SELECT count(*) AS made FROM jobloop.maintain_finished_partitions('7 days', '2026-01-10 12:00:00+00') WHERE status = 'made';
 -- Written by a session, not by the move trigger, so counted row by row (as pg_restore's
 -- COPY into a partition is): what that costs, against the same rows through the parent
 -- with the row trigger off and the jobs counted once (the statement trigger).
@@ -119,21 +119,28 @@ INSERT INTO jobloop.job_count AS c (owner, status, n)
 SELECT owner, status, sum(n) FROM moved GROUP BY owner, status ORDER BY owner, status
 ON CONFLICT (owner, status) DO UPDATE SET n = c.n + excluded.n;
 SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000) AS fold_of_those_rows_ms;
-VACUUM ANALYZE jobloop.finished_job_20260110_0000;
-SELECT (SELECT count(*) FROM jobloop.finished_job_20260110_0000) AS partition_rows,
-       pg_size_pretty(pg_total_relation_size('jobloop.finished_job_20260110_0000')) AS partition_size;
+VACUUM ANALYZE jobloop.finished_job_20260110_000000;
+SELECT (SELECT count(*) FROM jobloop.finished_job_20260110_000000) AS partition_rows,
+       pg_size_pretty(pg_total_relation_size('jobloop.finished_job_20260110_000000')) AS partition_size;
 -- the partitions retention makes at that time, made first: only the drop is measured
-SELECT created FROM jobloop.maintain_finished_partitions('0', '2026-01-18 00:00:01+00');
+SELECT count(*) AS made FROM jobloop.maintain_finished_partitions('0', '2026-01-18 00:00:01+00') WHERE status = 'made';
 CHECKPOINT;
 SELECT clock_timestamp() AS t0 \gset
-SELECT count(*) FROM (SELECT owner, status, count(*) FROM jobloop.finished_job_20260110_0000
+SELECT count(*) FROM (SELECT owner, status, count(*) FROM jobloop.finished_job_20260110_000000
                        GROUP BY owner, status) c;
 SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000, 1) AS count_out_alone_ms;
 CHECKPOINT;
+-- the workers' two steps, each a transaction of its own (as src/server/retention.c runs
+-- them): the detach, the only one that locks finished_job (ACCESS EXCLUSIVE), then the
+-- count-out and DROP of the detached table
 SELECT pg_current_wal_lsn() AS lsn0, clock_timestamp() AS t0 \gset
-SELECT created, dropped, dropped_jobs, busy
-  FROM jobloop.maintain_finished_partitions('7 days', '2026-01-18 00:00:01+00');
-SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000, 1) AS retention_drop_ms,
+SELECT action, status, partition, jobs
+  FROM jobloop.maintain_finished_partitions_step('7 days', '2026-01-18 00:00:01+00');
+SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000, 1) AS detach_ms_finished_job_locked \gset
+SELECT action, status, partition, jobs
+  FROM jobloop.maintain_finished_partitions_step('7 days', '2026-01-18 00:00:01+00');
+SELECT :detach_ms_finished_job_locked AS detach_ms_finished_job_locked,
+       round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000, 1) AS retention_drop_ms,
        pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), :'lsn0')) AS retention_drop_wal;
 SELECT completed, failed, cancelled FROM jobloop.stats \gset
 SELECT :completed + :failed + :cancelled AS finished_jobs_counted,
@@ -179,7 +186,7 @@ BEGIN
     END LOOP;
 END
 $$;
-SELECT created FROM jobloop.maintain_finished_partitions('7 days');
+SELECT count(*) AS made FROM jobloop.maintain_finished_partitions('7 days') WHERE status = 'made';
 CALL bench.running(:rounds * 1000 * 9 + 1000);
 VACUUM ANALYZE jobloop.job;
 CREATE TEMP TABLE finish_cost (round integer, how text, ms numeric, wal_per_job numeric);
@@ -190,7 +197,7 @@ DECLARE
     lsn0 pg_lsn;
     t0   timestamptz;
 BEGIN
-    IF how = 'UPDATE in place (before 0.4.0)' THEN
+    IF how = 'UPDATE in place (before 0.5.0)' THEN
         ALTER TABLE jobloop.job DISABLE TRIGGER job_move_finished;
         COMMIT;
     END IF;
@@ -211,7 +218,7 @@ $$;
 \echo 'three rounds of each, alternating, each after a VACUUM and a CHECKPOINT'
 SELECT s
   FROM generate_series(1, 3) r,
-       (VALUES (1, 'UPDATE + move trigger (0.4.0)'), (2, 'UPDATE in place (before 0.4.0)'),
+       (VALUES (1, 'UPDATE + move trigger (0.5.0)'), (2, 'UPDATE in place (before 0.5.0)'),
                (3, 'DELETE ... RETURNING into INSERT')) v(o, how),
        LATERAL (VALUES (0, 'VACUUM jobloop.job'), (1, 'CHECKPOINT'),
                        (2, format('CALL bench.measure(%s, %L, %s)', r, how, :rounds))) c(k, s)

@@ -3,18 +3,20 @@
  * retention.c
  *		Retention of finished jobs, at each heartbeat of a worker.
  *
- * From 0.4.0 a job moves to jobloop.finished_job when it finishes, a table
+ * From 0.5.0 a job moves to jobloop.finished_job when it finishes, a table
  * partitioned by finished_at; retention drops whole partitions, whatever
- * they hold, instead of deleting rows.  The partitions are made and dropped
- * by jobloop.maintain_finished_partitions() (the 0.4.0 update script), in a
- * short transaction of its own -- never inside a batch, whose transaction
- * runs users' functions and would hold the DDL's locks for as long -- and
- * by one worker of the database at a time; the others skip it.  Every lock
- * it takes is waited for at most 100 ms, so a worker never queues behind a
- * long reader of finished_job and stalls every other worker's finish; what
- * could not be done is tried again at the next heartbeat.  What the
+ * they hold, instead of deleting rows.  The partitions are made, detached
+ * and dropped by jobloop.maintain_finished_partitions_step() (the 0.5.0
+ * update script), one action per short transaction of its own -- never
+ * inside a batch, whose transaction runs users' functions and would hold
+ * the DDL's locks for as long, and never two actions in one, since each may
+ * take an ACCESS EXCLUSIVE lock on finished_job -- and by one worker of the
+ * database at a time; the others skip it.  Every lock it takes is waited
+ * for at most 100 ms, so a worker never queues behind a long reader of
+ * finished_job and stalls every other worker's finish; what could not be
+ * done is tried again at the next heartbeat.  What the
  * partitions do not cover (finished jobs still in jobloop.job from before
- * 0.4.0, rows in the default partition) is deleted row by row, in another
+ * 0.5.0, rows in the default partition) is deleted row by row, in another
  * transaction (store_delete_expired).
  *
  *-------------------------------------------------------------------------
@@ -33,44 +35,82 @@
 #define RETENTION_BATCH			1000
 #define RETENTION_ROUNDS		20
 
+/* at most this many partition actions per heartbeat (one transaction each) */
+#define PARTITION_ACTIONS		16
+
+/* Log what one partition action did; false if it did nothing (busy, failed, nothing to do). */
+static bool
+report_partition_action(const char *action, const char *status, const char *partition, int64 jobs)
+{
+	if (strcmp(status, "made") == 0)
+		elog(DEBUG1, "jobloop worker %d made partition %s of finished jobs", my_worker_number, partition);
+	else if (strcmp(status, "detached") == 0)
+		elog(DEBUG1, "jobloop worker %d detached expired partition %s of finished jobs",
+			 my_worker_number, partition);
+	else if (strcmp(status, "dropped") == 0)
+		elog(LOG, "jobloop worker %d dropped expired partition %s of finished jobs (" INT64_FORMAT " jobs)",
+			 my_worker_number, partition, jobs);
+	else
+		return false;
+	return true;
+}
+
+/*
+ * One step of partition maintenance, in the caller's transaction: the
+ * action after the first *skip due, or none (false).  A step that did
+ * nothing (a lock not free within 100 ms, an error it logged as a WARNING,
+ * nothing left to do) is skipped by the next steps of this heartbeat, so
+ * one stuck partition does not hold up the others.
+ */
+static bool partition_step_more;
+static int	partition_step_skip;
+static bool partition_busy_logged;
+
 static void
-maintain_partitions(void)
+partition_step(void)
 {
 	static SPIPlanPtr plan = NULL;
-	static bool busy_logged = false;
-	Oid			types[1] = {INT4OID};
-	Datum		values[1] = {Int32GetDatum(jobloop_retention)};
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		values[2] = {Int32GetDatum(jobloop_retention), Int32GetDatum(partition_step_skip)};
 	HeapTuple	row;
 	TupleDesc	desc;
 	bool		isnull;
-	int			created;
-	int			dropped;
-	int64		dropped_jobs;
-	int			busy;
+	char	   *action;
+	char	   *status;
+	char	   *partition;
+	int64		jobs;
 
-	/* one worker of the database at a time; the others skip it */
+	partition_step_more = false;
+	/* one worker of the database at a time (until this transaction ends); the others skip it */
 	if (!store_has_finished_jobs() || !store_try_worker_lock(JOBLOOP_LOCK_PARTITIONS))
 		return;
 	store_run_plan(&plan,
-				   "SELECT created, dropped, dropped_jobs, busy"
-				   "  FROM jobloop.maintain_finished_partitions(make_interval(secs => $1))",
-				   1, types, values, NULL, SPI_OK_SELECT);
+				   "SELECT action, status, partition::text, jobs"
+				   "  FROM jobloop.maintain_finished_partitions_step(make_interval(secs => $1), now(), $2)",
+				   2, types, values, NULL, SPI_OK_SELECT);
 	row = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
-	created = DatumGetInt32(SPI_getbinval(row, desc, 1, &isnull));
-	dropped = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
-	dropped_jobs = DatumGetInt64(SPI_getbinval(row, desc, 3, &isnull));
-	busy = DatumGetInt32(SPI_getbinval(row, desc, 4, &isnull));
-	if (dropped > 0)
-		elog(LOG, "jobloop worker %d dropped %d partitions of finished jobs (" INT64_FORMAT " jobs)",
-			 my_worker_number, dropped, dropped_jobs);
-	else if (created > 0)
-		elog(DEBUG1, "jobloop worker %d made %d partitions of finished jobs", my_worker_number, created);
-	/* once per busy spell: a long reader may keep a partition for many heartbeats */
-	if (busy > 0 && !busy_logged)
-		elog(LOG, "jobloop worker %d could not lock jobloop.finished_job within 100 ms to make or drop "
-			 "%d partitions; it tries again at each heartbeat", my_worker_number, busy);
-	busy_logged = busy > 0;
+	(void) SPI_getbinval(row, desc, 1, &isnull);
+	if (isnull)
+		return;					/* nothing due */
+	action = SPI_getvalue(row, desc, 1);
+	status = SPI_getvalue(row, desc, 2);
+	partition = SPI_getvalue(row, desc, 3);
+	jobs = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull));
+	partition_step_more = true;
+	if (!report_partition_action(action, status, partition ? partition : "(none)", isnull ? 0 : jobs))
+	{
+		partition_step_skip++;
+		/* once per busy spell: a long reader may hold finished_job for many heartbeats */
+		if (strcmp(status, "busy") == 0 && !partition_busy_logged)
+		{
+			elog(LOG, "jobloop worker %d could not lock jobloop.finished_job within 100 ms to %s a partition; "
+				 "it tries again at each heartbeat", my_worker_number, action);
+			partition_busy_logged = true;
+		}
+	}
+	else
+		partition_busy_logged = false;
 }
 
 static void
@@ -132,7 +172,19 @@ void
 retention_run(void)
 {
 	pgstat_report_activity(STATE_RUNNING, "jobloop: retention");
-	in_own_transaction(maintain_partitions);
+
+	/*
+	 * One partition action per transaction: each may take an ACCESS
+	 * EXCLUSIVE lock on finished_job, held until its transaction ends, and
+	 * the next must not run under it.
+	 */
+	partition_step_skip = 0;
+	for (int i = 0; i < PARTITION_ACTIONS; i++)
+	{
+		in_own_transaction(partition_step);
+		if (!partition_step_more)
+			break;
+	}
 	in_own_transaction(delete_expired);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }

@@ -68,7 +68,7 @@ static bool has_key_tokens = true;
 /* Are jobs counted by status (0.4.0)?  See store_fold_counts. */
 static bool has_job_counts = true;
 
-/* Do finished jobs move to jobloop.finished_job (0.4.0)?  See store_delete_expired. */
+/* Do finished jobs move to jobloop.finished_job (0.5.0)?  See store_delete_expired. */
 static bool has_finished_jobs = true;
 
 /*
@@ -669,7 +669,7 @@ store_held_ids(int *n)
 	return sorted_ids(n);
 }
 
-/* Are there partitions of finished jobs to maintain (0.4.0)?  See retention.c. */
+/* Are there partitions of finished jobs to maintain (0.5.0)?  See retention.c. */
 bool
 store_has_finished_jobs(void)
 {
@@ -679,7 +679,7 @@ store_has_finished_jobs(void)
 /*
  * Retention, row by row: delete up to limit jobs that finished longer than
  * jobloop.retention ago, from the two places whole partitions do not cover:
- * jobloop.job (jobs that finished before 0.4.0 moved finished jobs out of
+ * jobloop.job (jobs that finished before 0.5.0 moved finished jobs out of
  * it) and the default partition of jobloop.finished_job (jobs that finished
  * while no partition covered their time).  Small batches keep locks and WAL
  * bursts short.  The partitions themselves are dropped whole (retention.c).

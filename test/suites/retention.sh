@@ -11,10 +11,10 @@
 #   move      finished jobs are in a partition, none in jobloop.job or the default one
 #   reader    a session reading finished_job in an open transaction (ACCESS SHARE on it
 #             and its partitions): jobs keep completing, and the partition that expires
-#             meanwhile is not dropped (the workers give up their lock after 100 ms and
-#             log it); once the reader is gone, it is dropped
+#             meanwhile is not detached (the workers give up their lock after 100 ms and
+#             log it); once the reader is gone, it is detached, counted out and dropped
 #   rows      expired rows that no partition covers (in the default partition, and
-#             finished rows left in jobloop.job by a version before 0.4.0) are deleted
+#             finished rows left in jobloop.job by a version before 0.5.0) are deleted
 #   counts    jobloop.stats still agrees with count(*)
 #
 # Counted, not timed: the waits are deadlines on conditions (the longest, about 70 s, is
@@ -71,7 +71,7 @@ tap_is "$(q "SELECT (SELECT count(*) FROM jobloop.job) || ' ' ||
 first_part=$(q "SELECT tableoid::regclass::text FROM jobloop.finished_job ORDER BY finished_at LIMIT 1")
 
 # Expired rows no partition covers: one in the default partition (it finished 2 hours
-# ago), and a finished job in jobloop.job as a version before 0.4.0 left it.
+# ago), and a finished job in jobloop.job as a version before 0.5.0 left it.
 q "INSERT INTO jobloop.finished_job (id, kind, owner, status, state, finished_at)
    VALUES (1000001, 'rt', current_user::regrole, 'completed', '{}', now() - interval '2 hours');
    INSERT INTO jobloop.job (kind, owner, status, state, finished_at)
@@ -116,7 +116,7 @@ gone() { [[ "$(q "SELECT count(*) FROM jobloop.finished_job_partitions() WHERE p
 rc=0; jl_wait_for 30 gone || rc=$?
 tap_ok $rc "once the reader is gone, the expired partition is dropped" \
     "$(grep 'jobloop worker' "$JL_PGLOG" | tail -n 5)"
-tap_ok "$(grep -qE 'dropped [0-9]+ partitions of finished jobs \([0-9]+ jobs\)' "$JL_PGLOG"; echo $?)" \
+tap_ok "$(grep -qE "dropped expired partition $first_part of finished jobs \([0-9]+ jobs\)" "$JL_PGLOG"; echo $?)" \
     "... with its jobs, as the log says" "$(grep 'dropped' "$JL_PGLOG" || true)"
 
 # ---- rows ----
