@@ -60,7 +60,7 @@ job_table_oid(void)
 	return rel;
 }
 
-/* Do finished jobs live in jobloop.finished_job (0.4.0)? */
+/* Do finished jobs live in jobloop.finished_job (0.5.0)? */
 static bool
 has_finished_jobs(void)
 {
@@ -673,9 +673,7 @@ jobloop_submit(PG_FUNCTION_ARGS)
  * by caller: the owner, a role with its privileges, or an admin.  A job the
  * caller may not see does not exist, as far as the caller can tell.  The
  * row is in SPI_tuptable.  A job not in jobloop.job has finished, and is
- * looked for with finished_sql in jobloop.finished_job (0.4.0) -- also when
- * it finished while we waited for its lock: the row we waited for is gone
- * then, and this next statement's snapshot sees where it went.  Returns
+ * looked for with finished_sql in jobloop.finished_job (0.5.0).  Returns
  * whether the job is in finished_job.
  */
 static bool
@@ -687,11 +685,23 @@ lock_job_for_caller(SPIPlanPtr *plan, const char *sql, SPIPlanPtr *finished_plan
 	bool		isnull;
 	bool		finished = false;
 
-	store_run_plan(plan, sql, 1, types, values, NULL, SPI_OK_SELECT);
-	if (SPI_processed == 0 && has_finished_jobs())
+	/*
+	 * A job can move while we wait for its row's lock: to finished_job when
+	 * it finishes, and back to jobloop.job when another session's retry()
+	 * commits first (the finished row we waited for is gone then, too).  Each
+	 * statement's snapshot sees where the last move put it, so look again, a
+	 * few times: a job that keeps moving is retried and finishing at once.
+	 */
+	for (int round = 0; round < 3; round++)
 	{
+		store_run_plan(plan, sql, 1, types, values, NULL, SPI_OK_SELECT);
+		finished = false;
+		if (SPI_processed > 0 || !has_finished_jobs())
+			break;
 		store_run_plan(finished_plan, finished_sql, 1, types, values, NULL, SPI_OK_SELECT);
 		finished = true;
+		if (SPI_processed > 0)
+			break;
 	}
 	if (SPI_processed == 0 ||
 		!(has_privs_of_role(caller,
@@ -834,7 +844,7 @@ jobloop_retry(PG_FUNCTION_ARGS)
 	{
 		/*
 		 * Back to jobloop.job, with its id, key token and step (a finished
-		 * job from before 0.4.0 is still there: updated in place).
+		 * job from before 0.5.0 is still there: updated in place).
 		 */
 		if (finished)
 			store_run_plan(&move_back_plan,
