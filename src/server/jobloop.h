@@ -27,7 +27,7 @@
 #include "compat.h"
 #include "engine.h"
 
-#define JOBLOOP_VERSION		"0.4.0"
+#define JOBLOOP_VERSION		"0.5.0"
 #define JOBLOOP_CHANNEL		"jobloop"
 #define JOBLOOP_MAX_WORKERS	64
 #define ENDPOINT_LEN		128		/* longest endpoint (host:port or rate_key) + 1 */
