@@ -92,7 +92,10 @@ partition_step(void)
 	desc = SPI_tuptable->tupdesc;
 	(void) SPI_getbinval(row, desc, 1, &isnull);
 	if (isnull)
-		return;					/* nothing due */
+	{
+		partition_busy_logged = false;	/* nothing due: whatever was busy is done */
+		return;
+	}
 	action = SPI_getvalue(row, desc, 1);
 	status = SPI_getvalue(row, desc, 2);
 	partition = SPI_getvalue(row, desc, 3);
