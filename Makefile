@@ -33,7 +33,7 @@ EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
 REGRESS = kinds submit cancel guard privileges limits ops counts retention upgrade
 # Isolation specs: test/isolation/specs/NAME.spec, expected output in test/isolation/expected/.
-ISOLATION = claim cancel_step submit_claim
+ISOLATION = claim cancel_step submit_claim retry_race
 ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop
 
 PG_CPPFLAGS = -I$(srcdir)/src/server -I$(srcdir)/src/engine -std=c11
