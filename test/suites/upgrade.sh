@@ -101,7 +101,7 @@ tap_is "$(q jobloop "SELECT bool_or(lower_bound <= now() AND upper_bound > now()
                            (max(upper_bound) >= now() + 2 * jobloop.finished_job_width('7 days')) || '|' ||
                            (SELECT count(*) FROM pg_depend d JOIN jobloop.finished_job_partitions() p
                                 ON d.objid = p.partition AND d.deptype = 'e')
-                      FROM jobloop.finished_job_partitions()")" "t|t|0" \
+                      FROM jobloop.finished_job_partitions()")" "true|true|0" \
     "the update made the partitions of finished jobs for now and ahead, outside the extension"
 
 q jobloop "SELECT $cols FROM jobloop.jobs WHERE status IN ('completed', 'failed') AND id NOT IN ($running) ORDER BY id" \
