@@ -107,8 +107,13 @@ partition_step(void)
 		/* once per busy spell: a long reader may hold finished_job for many heartbeats */
 		if (strcmp(status, "busy") == 0 && !partition_busy_logged)
 		{
-			elog(LOG, "jobloop worker %d could not lock jobloop.finished_job within 100 ms to %s a partition; "
-				 "it tries again at each heartbeat", my_worker_number, action);
+			/* make and detach lock finished_job; drop only the detached table */
+			if (strcmp(action, "drop") == 0)
+				elog(LOG, "jobloop worker %d could not lock expired partition %s within 100 ms to drop it; "
+					 "it tries again at each heartbeat", my_worker_number, partition ? partition : "(none)");
+			else
+				elog(LOG, "jobloop worker %d could not lock jobloop.finished_job within 100 ms to %s a partition; "
+					 "it tries again at each heartbeat", my_worker_number, action);
 			partition_busy_logged = true;
 		}
 	}
