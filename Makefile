@@ -31,13 +31,14 @@ OBJS = \
 	src/server/stats.o \
 	src/server/turn.o \
 	src/server/remote.o \
+	src/server/retention.o \
 	src/server/worker.o
 
 EXTENSION = jobloop
 DATA = $(wildcard sql/jobloop--*.sql)
-REGRESS = kinds submit cancel guard privileges limits ops counts external upgrade
+REGRESS = kinds submit cancel guard privileges limits ops counts retention external upgrade
 # Isolation specs: test/isolation/specs/NAME.spec, expected output in test/isolation/expected/.
-ISOLATION = claim cancel_step submit_claim
+ISOLATION = claim cancel_step submit_claim retry_race
 ISOLATION_OPTS = --inputdir=test/isolation --load-extension=jobloop
 
 # The extension's version (the control file's default_version): http.c's User-Agent, and

@@ -26,8 +26,8 @@ CREATE VIEW counts_check AS
               FROM jobloop.jobs) c;
 GRANT SELECT ON counts_check TO PUBLIC;
 
--- Start from no jobs (earlier files left some).
-TRUNCATE jobloop.job;
+-- Start from no jobs (earlier files left some, unfinished and finished).
+TRUNCATE jobloop.job, jobloop.finished_job;
 SELECT * FROM counts_check;
 SELECT count(*) AS counters_after_truncate FROM jobloop.job_count_change;
 
@@ -39,17 +39,18 @@ SELECT * FROM counts_check;
 
 -- cancel and retry; a statement that changes no status appends nothing
 SELECT jobloop.cancel(id) FROM jobloop.job ORDER BY id LIMIT 3;
-SELECT jobloop.retry(min(id)) FROM jobloop.job WHERE status = 'cancelled';
+SELECT jobloop.retry(min(id)) FROM jobloop.jobs WHERE status = 'cancelled';
 SELECT count(*) AS changes_before FROM jobloop.job_count_change \gset
 UPDATE jobloop.job SET step = step + 1;
 SELECT count(*) - :changes_before AS changes_by_a_step_update FROM jobloop.job_count_change;
 SELECT * FROM counts_check;
 
--- what workers do: claim (pending -> running), finish, fail; retention deletes
+-- what workers do: claim (pending -> running), finish, fail (finished jobs move to
+-- jobloop.finished_job); retention deletes
 UPDATE jobloop.job SET status = 'running', worker = 1 WHERE id IN (SELECT id FROM jobloop.job WHERE status = 'pending' ORDER BY id LIMIT 4);
 UPDATE jobloop.job SET status = 'completed', worker = NULL, finished_at = now() WHERE id IN (SELECT id FROM jobloop.job WHERE status = 'running' ORDER BY id LIMIT 2);
 UPDATE jobloop.job SET status = 'failed', worker = NULL, finished_at = now(), last_error = 'x' WHERE id IN (SELECT id FROM jobloop.job WHERE status = 'running' ORDER BY id LIMIT 1);
-DELETE FROM jobloop.job WHERE id = (SELECT min(id) FROM jobloop.job WHERE status = 'completed');
+DELETE FROM jobloop.finished_job WHERE id = (SELECT min(id) FROM jobloop.finished_job WHERE status = 'completed');
 SELECT * FROM counts_check;
 
 -- A rolled-back change leaves the counts as they were.
@@ -103,8 +104,10 @@ SELECT agree AS agree_with_triggers_disabled FROM counts_check;
 SELECT jobloop.recount();
 SELECT * FROM counts_check;
 
--- TRUNCATE empties the counts too.
+-- TRUNCATE empties the counts too: of either table, counting what the other holds.
 TRUNCATE jobloop.job;
+SELECT * FROM counts_check;
+TRUNCATE jobloop.finished_job;
 SELECT * FROM counts_check;
 SELECT (SELECT count(*) FROM jobloop.job_count) + (SELECT count(*) FROM jobloop.job_count_change) AS counter_rows;
 

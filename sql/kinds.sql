@@ -141,7 +141,7 @@ SELECT jobloop.drop_kind('full');
 SELECT jobloop.cancel(2);
 SELECT jobloop.drop_kind('full');
 SELECT count(*) FROM jobloop.kind WHERE name = 'full';
-SELECT count(*) FROM jobloop.job WHERE kind = 'full';
+SELECT count(*) FROM jobloop.jobs WHERE kind = 'full';
 
 -- A dropped kind no longer takes jobs.
 SELECT jobloop.submit('full');

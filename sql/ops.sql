@@ -34,12 +34,13 @@ SELECT jobloop.submit('submit_kind', '{"u": 4}', unique_key => '') AS empty_key;
 -- Once the job is finished, the key is free again.
 SELECT jobloop.cancel(:u1);
 SELECT jobloop.submit('submit_kind', '{"u": 5}', unique_key => 'order-42') <> :u1 AS new_job_after_finish;
-SELECT count(*) FROM jobloop.job WHERE unique_key = 'order-42';
+SELECT count(*) FROM jobloop.jobs WHERE unique_key = 'order-42';
 
 -- retry(): a cancelled (or failed) job runs again from its state and step, keeping its
 -- key_token (so its Idempotency-Keys); not while another job holds its unique_key, and
 -- not a job that is unfinished (false).
-SELECT key_token AS u1_token FROM jobloop.job WHERE id = :u1 \gset
+-- (a finished job lives in jobloop.finished_job; retry() moves it back)
+SELECT key_token AS u1_token FROM jobloop.finished_job WHERE id = :u1 \gset
 SELECT jobloop.retry(:u1);
 SELECT jobloop.cancel(id) FROM jobloop.job WHERE unique_key = 'order-42' AND status = 'pending';
 SELECT jobloop.retry(:u1);
@@ -49,6 +50,7 @@ SELECT jobloop.retry(NULL);
 SELECT id, status, state, attempts, last_error, finished_at IS NULL AS unfinished,
        key_token = :'u1_token' AS same_token
   FROM jobloop.job WHERE id = :u1;
+SELECT count(*) AS still_in_finished_job FROM jobloop.finished_job WHERE id = :u1;
 
 -- Pauses: admins only; pause() is idempotent, resume() removes the pauses it covers.
 CREATE ROLE regress_jobloop_ops_app;

@@ -87,6 +87,12 @@ UPDATE jobloop.kind SET request_fn = 'priv_private_req(jsonb)' WHERE name = 'pri
 DELETE FROM jobloop.kind WHERE name = 'priv_kind';
 UPDATE jobloop.jobs SET status = 'cancelled' WHERE id = :app1_job1;
 DELETE FROM jobloop.jobs WHERE id = :app1_job1;
+-- Nor the finished jobs, nor their partitions (read only through finished_job's policy).
+INSERT INTO jobloop.finished_job (id, kind, owner, status, state, finished_at)
+     VALUES (1000, 'priv_kind', 'regress_jobloop_app1', 'completed', '{}', now());
+UPDATE jobloop.finished_job SET status = 'failed';
+DELETE FROM jobloop.finished_job;
+SELECT count(*) FROM jobloop.finished_job_default;
 
 -- A role may define kinds of its own, but not replace or drop another's.
 SELECT jobloop.create_kind('app1_kind', 'priv_req(jsonb)', 'priv_step(jsonb,jsonb)');

@@ -60,6 +60,13 @@ job_table_oid(void)
 	return rel;
 }
 
+/* Do finished jobs live in jobloop.finished_job (0.5.0)? */
+static bool
+has_finished_jobs(void)
+{
+	return OidIsValid(get_relname_relid("finished_job", get_namespace_oid("jobloop", false)));
+}
+
 /*
  * Switch to the owner of the extension's tables with a search_path that no
  * caller can influence.  Errors unwind all of it with the transaction.
@@ -432,6 +439,7 @@ jobloop_drop_kind(PG_FUNCTION_ARGS)
 {
 	static SPIPlanPtr count_plan = NULL;
 	static SPIPlanPtr delete_plan = NULL;
+	static SPIPlanPtr delete_finished_plan = NULL;
 	Oid			caller = GetUserId();
 	char	   *name = kind_name_arg(fcinfo, 0);
 	Oid			types[1] = {TEXTOID};
@@ -461,10 +469,17 @@ jobloop_drop_kind(PG_FUNCTION_ARGS)
 							   "job kind \"%s\" has " INT64_FORMAT " unfinished jobs",
 							   unfinished, name, unfinished),
 				 errhint("Wait for them to finish or cancel them first.")));
-	store_run_plan(&delete_plan,
-			 "WITH j AS (DELETE FROM jobloop.job WHERE kind = $1)"
-			 " DELETE FROM jobloop.kind WHERE name = $1",
-			 1, types, values, NULL, SPI_OK_DELETE);
+	if (has_finished_jobs())
+		store_run_plan(&delete_finished_plan,
+				 "WITH j AS (DELETE FROM jobloop.job WHERE kind = $1),"
+				 " f AS (DELETE FROM jobloop.finished_job WHERE kind = $1)"
+				 " DELETE FROM jobloop.kind WHERE name = $1",
+				 1, types, values, NULL, SPI_OK_DELETE);
+	else
+		store_run_plan(&delete_plan,
+				 "WITH j AS (DELETE FROM jobloop.job WHERE kind = $1)"
+				 " DELETE FROM jobloop.kind WHERE name = $1",
+				 1, types, values, NULL, SPI_OK_DELETE);
 	leave_owner_context(&cxt);
 	CacheInvalidateRelcacheByRelid(get_relname_relid("kind", get_namespace_oid("jobloop", false)));
 	PG_RETURN_BOOL(true);
@@ -663,16 +678,37 @@ jobloop_submit(PG_FUNCTION_ARGS)
  * Lock job id with sql (whose first column is the job's owner) for a change
  * by caller: the owner, a role with its privileges, or an admin.  A job the
  * caller may not see does not exist, as far as the caller can tell.  The
- * row is in SPI_tuptable.
+ * row is in SPI_tuptable.  A job not in jobloop.job has finished, and is
+ * looked for with finished_sql in jobloop.finished_job (0.5.0).  Returns
+ * whether the job is in finished_job.
  */
-static void
-lock_job_for_caller(SPIPlanPtr *plan, const char *sql, int64 id, Oid caller)
+static bool
+lock_job_for_caller(SPIPlanPtr *plan, const char *sql, SPIPlanPtr *finished_plan,
+					const char *finished_sql, int64 id, Oid caller)
 {
 	Oid			types[1] = {INT8OID};
 	Datum		values[1] = {Int64GetDatum(id)};
 	bool		isnull;
+	bool		finished = false;
 
-	store_run_plan(plan, sql, 1, types, values, NULL, SPI_OK_SELECT);
+	/*
+	 * A job can move while we wait for its row's lock: to finished_job when
+	 * it finishes, and back to jobloop.job when another session's retry()
+	 * commits first (the finished row we waited for is gone then, too).  Each
+	 * statement's snapshot sees where the last move put it, so look again, a
+	 * few times: a job that keeps moving is retried and finishing at once.
+	 */
+	for (int round = 0; round < 3; round++)
+	{
+		store_run_plan(plan, sql, 1, types, values, NULL, SPI_OK_SELECT);
+		finished = false;
+		if (SPI_processed > 0 || !has_finished_jobs())
+			break;
+		store_run_plan(finished_plan, finished_sql, 1, types, values, NULL, SPI_OK_SELECT);
+		finished = true;
+		if (SPI_processed > 0)
+			break;
+	}
 	if (SPI_processed == 0 ||
 		!(has_privs_of_role(caller,
 							DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
@@ -681,12 +717,14 @@ lock_job_for_caller(SPIPlanPtr *plan, const char *sql, int64 id, Oid caller)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("job " INT64_FORMAT " does not exist", id)));
+	return finished;
 }
 
 Datum
 jobloop_cancel(PG_FUNCTION_ARGS)
 {
 	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr finished_plan = NULL;
 	static SPIPlanPtr cancel_plan = NULL;
 	Oid			caller = GetUserId();
 	int64		id;
@@ -711,10 +749,14 @@ jobloop_cancel(PG_FUNCTION_ARGS)
 	values[0] = Int64GetDatum(id);
 
 	enter_owner_context(&cxt);
-	lock_job_for_caller(&lock_plan,
-						"SELECT owner::oid, status, worker, step, tenant, kind FROM jobloop.job"
-						" WHERE id = $1 FOR NO KEY UPDATE",
-						id, caller);
+	/* a finished job is not cancelled: only its status is read */
+	(void) lock_job_for_caller(&lock_plan,
+							   "SELECT owner::oid, status, worker, step, tenant, kind FROM jobloop.job"
+							   " WHERE id = $1 FOR NO KEY UPDATE",
+							   &finished_plan,
+							   "SELECT owner::oid, status, worker, step, tenant, kind"
+							   "  FROM jobloop.finished_job WHERE id = $1",
+							   id, caller);
 
 	row = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -762,7 +804,10 @@ Datum
 jobloop_retry(PG_FUNCTION_ARGS)
 {
 	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr finished_lock_plan = NULL;
 	static SPIPlanPtr retry_plan = NULL;
+	static SPIPlanPtr move_back_plan = NULL;
+	bool		finished;
 	Oid			caller = GetUserId();
 	int64		id;
 	OwnerContext cxt;
@@ -781,10 +826,13 @@ jobloop_retry(PG_FUNCTION_ARGS)
 	values[0] = Int64GetDatum(id);
 
 	enter_owner_context(&cxt);
-	lock_job_for_caller(&lock_plan,
-						"SELECT owner::oid, status, step, tenant, kind FROM jobloop.job"
-						" WHERE id = $1 FOR NO KEY UPDATE",
-						id, caller);
+	finished = lock_job_for_caller(&lock_plan,
+								   "SELECT owner::oid, status, step, tenant, kind FROM jobloop.job"
+								   " WHERE id = $1 FOR NO KEY UPDATE",
+								   &finished_lock_plan,
+								   "SELECT owner::oid, status, step, tenant, kind FROM jobloop.finished_job"
+								   " WHERE id = $1 FOR UPDATE",
+								   id, caller);
 
 	old = MemoryContextSwitchTo(CurTransactionContext);
 	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
@@ -800,12 +848,29 @@ jobloop_retry(PG_FUNCTION_ARGS)
 
 	PG_TRY();
 	{
-		store_run_plan(&retry_plan,
-				 "UPDATE jobloop.job SET status = 'pending', attempts = 0, last_error = NULL,"
-				 "   finished_at = NULL, run_after = now(), updated_at = now(),"
-				 "   worker = NULL, lease_expires_at = NULL, request = NULL"
-				 " WHERE id = $1",
-				 1, types, values, NULL, SPI_OK_UPDATE);
+		/*
+		 * Back to jobloop.job, with its id, key token and step (a finished
+		 * job from before 0.5.0 is still there: updated in place).
+		 */
+		if (finished)
+			store_run_plan(&move_back_plan,
+					 "WITH moved AS (DELETE FROM jobloop.finished_job WHERE id = $1 RETURNING *)"
+					 " INSERT INTO jobloop.job"
+					 "   (id, kind, owner, tenant, status, step, state, request, last_error, attempts,"
+					 "    run_after, worker, lease_expires_at, created_at, updated_at, started_at,"
+					 "    finished_at, key_token, unique_key) OVERRIDING SYSTEM VALUE"
+					 " SELECT id, kind, owner, tenant, 'pending', step, state, NULL, NULL, 0,"
+					 "    now(), NULL, NULL, created_at, now(), started_at,"
+					 "    NULL, key_token, unique_key"
+					 "   FROM moved",
+					 1, types, values, NULL, SPI_OK_INSERT);
+		else
+			store_run_plan(&retry_plan,
+					 "UPDATE jobloop.job SET status = 'pending', attempts = 0, last_error = NULL,"
+					 "   finished_at = NULL, run_after = now(), updated_at = now(),"
+					 "   worker = NULL, lease_expires_at = NULL, request = NULL"
+					 " WHERE id = $1",
+					 1, types, values, NULL, SPI_OK_UPDATE);
 	}
 	PG_CATCH();
 	{

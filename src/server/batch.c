@@ -106,9 +106,7 @@ static double claim_ms = -1;
 static TimestampTz next_reap = 0;	/* see batch_run */
 static TimestampTz next_fold = 0;	/* see batch_run */
 
-#define RETENTION_BATCH			1000
 #define CLAIM_TURN_RETRY_MS		20
-#define RETENTION_ROUNDS		20
 
 /* ---- transaction scaffolding ---- */
 
@@ -929,13 +927,6 @@ batch_run(HeldJob **responded, int nresponded, int64 *releases, int nreleases,
 		next_reap = now + USECS_PER_SEC;
 		if (heartbeat)
 			store_extend_leases(ids, nids);
-	}
-	if (heartbeat)
-	{
-		/* keep up with up to RETENTION_ROUNDS batches per heartbeat */
-		for (int r = 0; jobloop_retention > 0 && r < RETENTION_ROUNDS; r++)
-			if (store_delete_expired(RETENTION_BATCH) < RETENTION_BATCH)
-				break;
 	}
 	if (want_claim)
 		claim(now);

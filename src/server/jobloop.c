@@ -170,8 +170,8 @@ define_gucs(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("jobloop.retention",
-							"How long finished jobs are kept before the workers delete them.",
-							"0 keeps them forever.",
+							"How long finished jobs are kept before the workers drop them.",
+							"0 keeps them forever.  Also sets the width of their partitions: a day, an hour or a minute.",
 							&jobloop_retention,
 							7 * 86400, 0, INT_MAX,
 							PGC_SIGHUP,

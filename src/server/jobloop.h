@@ -127,6 +127,7 @@ extern int	shared_take_cancels(int worker, int64 *ids, int max, bool *overflow);
 #define JOBLOOP_LOCK_KEY			0x6A6C6F6F	/* "jloo" */
 #define JOBLOOP_LOCK_CLAIM_TURN		1
 #define JOBLOOP_LOCK_COUNT_FOLD		2
+#define JOBLOOP_LOCK_PARTITIONS		3
 
 
 /* ---- guard.c: the GUC hooks of jobloop.allowed_hosts (the check itself: engine.h) ---- */
@@ -235,6 +236,8 @@ extern int	store_reap_expired(int64 *held_ids, int nheld);
 extern void store_release(int64 *ids, int n);
 extern int64 *store_held_ids(int *n);
 extern int	store_delete_expired(int limit);
+extern bool store_has_finished_jobs(void);
+extern bool store_try_worker_lock(int what);
 extern bool store_fold_counts(void);
 extern void store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours);
 extern void store_read_ours(int64 *ids, int32 *steps, int n, bool *ours);
@@ -363,6 +366,10 @@ extern bool batch_in_caller_transaction;
 extern bool batch_claim_wanted;
 extern int	my_worker_number;
 extern TimestampTz batch_next_claim_at;
+
+/* ---- retention.c: finished jobs' partitions, and what they do not cover ---- */
+extern void retention_run(void);
+extern bool retention_step_in_caller(void);
 
 /* ---- turn.c: one turn of a worker, whichever transport carries its calls ---- */
 

@@ -57,6 +57,7 @@
 PG_FUNCTION_INFO_V1(jobloop_worker_attach);
 PG_FUNCTION_INFO_V1(jobloop_worker_turn);
 PG_FUNCTION_INFO_V1(jobloop_worker_detach);
+PG_FUNCTION_INFO_V1(jobloop_worker_maintain);
 
 #define WORKER_ROLE				"jobloop_worker"
 #define MAX_HEADER_BYTES		(256 * 1024)	/* as the engine's limit (http.c) */
@@ -691,4 +692,30 @@ jobloop_worker_detach(PG_FUNCTION_ARGS)
 	ereport(LOG,
 			(errmsg("jobloop worker %d detached; %d jobs went back to the table", my_worker, n)));
 	PG_RETURN_INT32(n);
+}
+
+/*
+ * jobloop.worker_maintain() RETURNS boolean: one action of retention
+ * (retention.c), for databases that external workers alone serve.  True:
+ * call again (in a transaction of its own) for the next action.
+ */
+Datum
+jobloop_worker_maintain(PG_FUNCTION_ARGS)
+{
+	TurnContext cxt;
+	bool		more;
+
+	require_worker_role();
+	if (my_worker == 0 || lost)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("this session is not a jobloop worker")));
+	require_worker_session("jobloop.worker_maintain()");
+	enter_worker_context(&cxt);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	more = retention_step_in_caller();
+	SPI_finish();
+	leave_worker_context(&cxt);
+	PG_RETURN_BOOL(more);
 }

@@ -69,6 +69,9 @@ static bool has_key_tokens = true;
 /* Are jobs counted by status (0.4.0)?  See store_fold_counts. */
 static bool has_job_counts = true;
 
+/* Do finished jobs move to jobloop.finished_job (0.5.0)?  See store_delete_expired. */
+static bool has_finished_jobs = true;
+
 /*
  * Is the extension installed?  With lock, it stays so until the end of the
  * transaction.  Also notes its schema's version: a worker
@@ -99,6 +102,7 @@ store_extension_state(bool lock)
 	job = OidIsValid(schema) ? get_relname_relid("job", schema) : InvalidOid;
 	has_key_tokens = OidIsValid(job) && get_attnum(job, "key_token") != InvalidAttrNumber;
 	has_job_counts = OidIsValid(schema) && OidIsValid(get_relname_relid("job_count_change", schema));
+	has_finished_jobs = OidIsValid(schema) && OidIsValid(get_relname_relid("finished_job", schema));
 	return EXTENSION_READY;
 }
 
@@ -210,8 +214,8 @@ copy_jsonb(HeapTuple row, TupleDesc desc, int col, MemoryContext cxt)
  * "userlock", which no SQL function can take: an advisory lock could be
  * taken, and held for ever, by any role.
  */
-static bool
-try_worker_lock(int what)
+bool
+store_try_worker_lock(int what)
 {
 	LOCKTAG		tag;
 
@@ -250,7 +254,7 @@ take_turns_if_capped(void)
 		if (SPI_processed == 0)
 			return true;
 	}
-	return try_worker_lock(JOBLOOP_LOCK_CLAIM_TURN);
+	return store_try_worker_lock(JOBLOOP_LOCK_CLAIM_TURN);
 }
 
 /*
@@ -677,16 +681,29 @@ store_held_ids(int *n)
 	return sorted_ids(n);
 }
 
+/* Are there partitions of finished jobs to maintain (0.5.0)?  See retention.c. */
+bool
+store_has_finished_jobs(void)
+{
+	return has_finished_jobs;
+}
+
 /*
- * Retention: delete up to limit jobs that finished longer than
- * jobloop.retention ago.  Small batches keep locks and WAL bursts short.
+ * Retention, row by row: delete up to limit jobs that finished longer than
+ * jobloop.retention ago, from the two places whole partitions do not cover:
+ * jobloop.job (jobs that finished before 0.5.0 moved finished jobs out of
+ * it) and the default partition of jobloop.finished_job (jobs that finished
+ * while no partition covered their time).  Small batches keep locks and WAL
+ * bursts short.  The partitions themselves are dropped whole (retention.c).
  */
 int
 store_delete_expired(int limit)
 {
 	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr default_plan = NULL;
 	Oid			types[2] = {INT4OID, INT4OID};
 	Datum		values[2] = {Int32GetDatum(limit), Int32GetDatum(jobloop_retention)};
+	int			n;
 
 	store_run_plan(&plan,
 				   "DELETE FROM jobloop.job WHERE id IN ("
@@ -694,7 +711,17 @@ store_delete_expired(int limit)
 				   "   WHERE finished_at < now() - make_interval(secs => $2)"
 				   "   ORDER BY finished_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
 				   2, types, values, NULL, SPI_OK_DELETE);
-	return (int) SPI_processed;
+	n = (int) SPI_processed;
+	if (n >= limit || !has_finished_jobs)
+		return n;
+	values[0] = Int32GetDatum(limit - n);
+	store_run_plan(&default_plan,
+				   "DELETE FROM jobloop.finished_job_default WHERE ctid = ANY (ARRAY("
+				   "  SELECT ctid FROM jobloop.finished_job_default"
+				   "   WHERE finished_at < now() - make_interval(secs => $2)"
+				   "   ORDER BY finished_at LIMIT $1 FOR UPDATE SKIP LOCKED))",
+				   2, types, values, NULL, SPI_OK_DELETE);
+	return n + (int) SPI_processed;
 }
 
 /*
@@ -721,7 +748,7 @@ store_fold_counts(void)
 
 	if (!has_job_counts)
 		return false;
-	if (!try_worker_lock(JOBLOOP_LOCK_COUNT_FOLD))
+	if (!store_try_worker_lock(JOBLOOP_LOCK_COUNT_FOLD))
 		return false;
 	store_run_plan(&plan,
 				   "WITH moved AS ("

@@ -38,6 +38,7 @@ static char my_database[NAMEDATALEN];
 static bool trimmed = false;	/* memory given back since the last job left */
 static TimestampTz stats_due = 0;	/* table statistics still to report then; 0: none */
 static TimestampTz next_trim = 0;	/* give back free memory then at the latest */
+static TimestampTz next_retention = 0;	/* at the heartbeat's pace: lease_timeout / 3 */
 static volatile sig_atomic_t stop_by_postmaster = false;	/* see handle_sigterm() */
 
 /* What pg_stat_activity shows while the worker waits (17+; "Extension" before) */
@@ -488,6 +489,13 @@ jobloop_worker_main(Datum main_arg)
 		{
 			report_stats(GetCurrentTimestamp());
 			MemoryContextSwitchTo(loop_cxt);
+		}
+		if (now >= next_retention)
+		{
+			/* retention: in transactions of its own, after the batch committed */
+			retention_run();
+			MemoryContextSwitchTo(loop_cxt);
+			next_retention = now + (TimestampTz) jobloop_lease_timeout * 1000 * 1000 / 3;
 		}
 		if (stats_due != 0 && now >= stats_due)
 			report_stats(now);

@@ -88,6 +88,9 @@ backoff_sleep(int ms)
 		;
 }
 
+/* How often jobloop-worker asks whether retention is due (the server decides). */
+#define MAINTAIN_INTERVAL_US	(10 * USECS_PER_SEC)
+
 /*
  * One session: turn until it fails (false) or a stop is requested (true).
  * The caller aborts what is in flight and closes the connection.
@@ -100,6 +103,7 @@ run_session(PGconn *conn)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz next_turn_at = now;
 	TimestampTz sent_at = 0;
+	TimestampTz next_maintain = now + MAINTAIN_INTERVAL_US;
 	int64		turn_timeout_us = (int64) worker_options.turn_timeout_s * USECS_PER_SEC;
 
 	while (!stop_requested)
@@ -112,6 +116,15 @@ run_session(PGconn *conn)
 
 		calls_collect();
 		now = GetCurrentTimestamp();
+		/* between turns: retention, which the server paces (see session_maintain) */
+		if (state == TURN_NONE && now >= next_maintain)
+		{
+			if (!session_maintain(conn))
+				return false;
+			next_maintain = GetCurrentTimestamp() + MAINTAIN_INTERVAL_US;
+			calls_collect();
+			now = GetCurrentTimestamp();
+		}
 		if (state == TURN_NONE &&
 			(calls_pending() > 0 || woken || now >= next_turn_at || calls_more_finished()))
 		{

@@ -477,6 +477,61 @@ session_read(PGconn *conn, bool expecting, bool *woken, bool *replied, int32 *wa
 }
 
 /*
+ * Run one command outside the turns and wait for its end, at most
+ * timeout_ms (the connection is non-blocking; a turn must not be
+ * outstanding).  The last result, or NULL if it failed to come in time or
+ * the connection failed (*broken then).
+ */
+static PGresult *
+run_command(PGconn *conn, const char *sql, int timeout_ms, bool *broken)
+{
+	TimestampTz deadline = GetCurrentTimestamp() + (TimestampTz) timeout_ms * 1000;
+	PGresult   *res;
+	PGresult   *last = NULL;
+
+	*broken = false;
+	if (PQisBusy(conn) || !PQsendQuery(conn, sql))
+	{
+		*broken = PQstatus(conn) != CONNECTION_OK;
+		return NULL;
+	}
+	for (;;)
+	{
+		int			flushed = PQflush(conn);
+		struct pollfd fd;
+		TimestampTz now = GetCurrentTimestamp();
+
+		if (flushed < 0 || (flushed == 0 && !PQconsumeInput(conn)))
+		{
+			*broken = true;
+			return NULL;
+		}
+		if (flushed == 0 && !PQisBusy(conn))
+			break;
+		if (now >= deadline)
+		{
+			*broken = true;		/* a result may still come: the connection is out of step */
+			return NULL;
+		}
+		fd.fd = PQsocket(conn);
+		fd.events = POLLIN | (flushed == 1 ? POLLOUT : 0);
+		fd.revents = 0;
+		if (fd.fd < 0 || (poll(&fd, 1, (int) ((deadline - now + 999) / 1000)) < 0 && errno != EINTR))
+		{
+			*broken = true;
+			return NULL;
+		}
+	}
+	while ((res = PQgetResult(conn)) != NULL)
+	{
+		if (last)
+			PQclear(last);
+		last = res;
+	}
+	return last;
+}
+
+/*
  * A clean stop, with the calls aborted: give this worker's jobs back now
  * (jobloop.worker_detach()) rather than when the server notices the
  * session is gone.  Bounded: a server that does not answer within
@@ -487,47 +542,60 @@ session_read(PGconn *conn, bool expecting, bool *woken, bool *replied, int32 *wa
 void
 session_detach(PGconn *conn)
 {
-	TimestampTz deadline = GetCurrentTimestamp() + (TimestampTz) DETACH_TIMEOUT_MS * 1000;
-	PGresult   *res;
-	int			given_back = -1;
+	bool		broken;
+	PGresult   *res = run_command(conn, "SELECT jobloop.worker_detach()", DETACH_TIMEOUT_MS, &broken);
 
-	/* a turn still outstanding: its reply cannot be taken back; let the session end do it */
-	if (PQisBusy(conn) || !PQsendQuery(conn, "SELECT jobloop.worker_detach()"))
+	if (res == NULL)
 		return;
-	for (;;)
+	if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
+		worker_log(LOG, "gave %s jobs back to the server", PQgetvalue(res, 0, 0));
+	else
 	{
-		int			flushed = PQflush(conn);
-		struct pollfd fd;
-		TimestampTz now = GetCurrentTimestamp();
+		char	   *m = result_error(NULL, res);
 
-		if (flushed < 0 || now >= deadline)
-			return;
-		if (flushed == 0)
-		{
-			if (!PQconsumeInput(conn))
-				return;
-			if (!PQisBusy(conn))
-				break;
-		}
-		fd.fd = PQsocket(conn);
-		fd.events = POLLIN | (flushed == 1 ? POLLOUT : 0);
-		fd.revents = 0;
-		if (fd.fd < 0 || (poll(&fd, 1, (int) ((deadline - now + 999) / 1000)) < 0 && errno != EINTR))
-			return;
+		worker_log(LOG, "could not give the jobs back: %s", m);
+		pfree(m);
 	}
-	while ((res = PQgetResult(conn)) != NULL)
+	PQclear(res);
+}
+
+/*
+ * Retention, for databases that external workers alone serve: one action
+ * per call of jobloop.worker_maintain() (each in a transaction of its own),
+ * while it says there is more.  The server paces the rounds (lease_timeout
+ * / 3) and lets one worker at a time act.  False if the connection broke.
+ */
+#define MAINTAIN_TIMEOUT_MS	10000
+#define MAINTAIN_MAX_CALLS	40
+
+bool
+session_maintain(PGconn *conn)
+{
+	for (int i = 0; i < MAINTAIN_MAX_CALLS; i++)
 	{
-		if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
-			given_back = atoi(PQgetvalue(res, 0, 0));
-		else if (PQresultStatus(res) != PGRES_TUPLES_OK)
+		bool		broken;
+		bool		more;
+		PGresult   *res = run_command(conn, "SELECT jobloop.worker_maintain()", MAINTAIN_TIMEOUT_MS,
+									  &broken);
+
+		if (res == NULL)
+		{
+			if (broken)
+				worker_log(LOG, "retention: no answer from the server");
+			return !broken;
+		}
+		more = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+			!PQgetisnull(res, 0, 0) && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+		if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		{
 			char	   *m = result_error(NULL, res);
 
-			worker_log(LOG, "could not give the jobs back: %s", m);
+			worker_log(LOG, "retention failed: %s", m);
 			pfree(m);
 		}
 		PQclear(res);
+		if (!more)
+			break;
 	}
-	if (given_back >= 0)
-		worker_log(LOG, "gave %d jobs back to the server", given_back);
+	return true;
 }

@@ -395,7 +395,7 @@ SELECT count(jobloop.submit('chaos', jsonb_build_object('j', g, 'n', 0, 'seen', 
                             'tenant-' || (g % $TENANTS)))
   FROM generate_series(1, $JOBS) g;
 RESET ROLE;
-CREATE TABLE chaos.job_of AS SELECT id, (state->>'j')::int AS j FROM jobloop.job;
+CREATE TABLE chaos.job_of AS SELECT id, (state->>'j')::int AS j FROM jobloop.jobs;
 SELECT count(*) FILTER (WHERE doomed_at IS NOT NULL) || ' doomed, '
        || count(*) FILTER (WHERE fault_free) || ' fault-free; expected progress '
        || sum(coalesce(doomed_at, $K)) FROM chaos.expect;
@@ -429,7 +429,7 @@ _chaos_reached() {      # PROGRESS: sum(step) reached it, or no job is left unfi
     local row p u
     row=$(cr_sql "SELECT coalesce(sum(step), 0) || ' '
                          || count(*) FILTER (WHERE status IN ('pending', 'running'))
-                    FROM jobloop.job") || return 1
+                    FROM jobloop.jobs") || return 1
     [[ "$row" =~ ^([0-9]+)\ ([0-9]+)$ ]] || return 1
     p=${BASH_REMATCH[1]} u=${BASH_REMATCH[2]}
     (( p >= $1 || u == 0 ))
@@ -437,7 +437,7 @@ _chaos_reached() {      # PROGRESS: sum(step) reached it, or no job is left unfi
 # shellcheck disable=SC2317
 _chaos_cancel() {       # J: cancel job j once, recording what cancel() returned
     cr_sql "INSERT INTO chaos.cancel_log (j, id, cancelled, progress)
-            SELECT j, id, jobloop.cancel(id), (SELECT sum(step) FROM jobloop.job)
+            SELECT j, id, jobloop.cancel(id), (SELECT sum(step) FROM jobloop.jobs)
               FROM chaos.job_of WHERE j = $1
                AND NOT EXISTS (SELECT FROM chaos.cancel_log WHERE j = $1)" >/dev/null || true
     [[ "$(cr_sql "SELECT count(*) FROM chaos.cancel_log WHERE j = $1")" == 1 ]]
@@ -489,46 +489,46 @@ else
     tap_ok 1 "every job finished within ${DEADLINE}s of the last disruption" \
         "$(cr_sql "SELECT status || ' ' || count(*) || ' (at steps ' || string_agg(DISTINCT step::text, ',')
                            || '; faults ' || string_agg(DISTINCT coalesce(p.fault, '-'), ',') || ')'
-                     FROM jobloop.job jb JOIN chaos.job_of o USING (id)
+                     FROM jobloop.jobs jb JOIN chaos.job_of o USING (id)
                      LEFT JOIN chaos.plan p ON p.j = o.j AND p.n = jb.step
                     WHERE status NOT IN ('completed', 'failed', 'cancelled') GROUP BY status")"
 fi
 tap_diag "finished $((SECONDS - t_wait)) s after the last disruption"
 tap_diag "outcomes: $(cr_sql "SELECT string_agg(status || ' ' || c, ', ') FROM
-                               (SELECT status, count(*) c FROM jobloop.job GROUP BY 1 ORDER BY 1) s")"
+                               (SELECT status, count(*) c FROM jobloop.jobs GROUP BY 1 ORDER BY 1) s")"
 
-tap_is "$(cr_sql "SELECT count(*) FROM jobloop.job WHERE status NOT IN ('completed', 'failed', 'cancelled')")" 0 \
+tap_is "$(cr_sql "SELECT count(*) FROM jobloop.jobs WHERE status NOT IN ('completed', 'failed', 'cancelled')")" 0 \
     "every job ended completed, failed or cancelled"
-bad=$(bad_rows "SELECT string_agg(id::text, ', ') FROM jobloop.job
+bad=$(bad_rows "SELECT string_agg(id::text, ', ') FROM jobloop.jobs
               WHERE status = 'failed' AND coalesce(btrim(last_error), '') = ''")
 tap_is "$bad" "" "every failed job has a last_error"
 tap_diag "failures by the fault of the failing step:"
 tap_diag "$(cr_sql "SELECT count(*) || ' x ' || coalesce(p.fault, '?') || ': ' || e
                       FROM (SELECT jb.step, o.j, regexp_replace(left(last_error, 160), '[0-9]+', 'N', 'g') e
-                              FROM jobloop.job jb JOIN chaos.job_of o USING (id) WHERE status = 'failed') f
+                              FROM jobloop.jobs jb JOIN chaos.job_of o USING (id) WHERE status = 'failed') f
                       LEFT JOIN chaos.plan p ON p.j = f.j AND p.n = f.step
                      GROUP BY p.fault, e ORDER BY p.fault, count(*) DESC")"
 
 bad=$(bad_rows "SELECT string_agg(id || ' (' || status || ', step ' || step || '): n ' || coalesce(state->>'n', 'NULL')
                                 || ' seen ' || coalesce((state->'seen')::text, 'NULL'), '; ')
-                FROM jobloop.job j
+                FROM jobloop.jobs j
                WHERE NOT ((state->>'n')::int = step
                           AND state->'seen' = (SELECT coalesce(jsonb_agg(g ORDER BY g), '[]')
                                                  FROM generate_series(0, j.step - 1) g))")
 tap_is "$bad" "" "each committed step counted exactly once: n = step and seen = [0 .. step-1] in every job"
-bad=$(bad_rows "SELECT string_agg(id || ': ' || (state->'wrong')::text, '; ') FROM jobloop.job WHERE state ? 'wrong'")
+bad=$(bad_rows "SELECT string_agg(id || ': ' || (state->'wrong')::text, '; ') FROM jobloop.jobs WHERE state ? 'wrong'")
 tap_is "$bad" "" "every response reached the job and step that asked for it (n = job * 1000 + step)"
-bad=$(bad_rows "SELECT string_agg(id || ': step ' || step, '; ') FROM jobloop.job
+bad=$(bad_rows "SELECT string_agg(id || ': step ' || step, '; ') FROM jobloop.jobs
                WHERE status = 'completed' AND step <> $K")
 tap_is "$bad" "" "every completed job ran exactly $K steps"
 
 bad=$(bad_rows "SELECT string_agg(x, '; ') FROM (
         SELECT 'job ' || jb.id || ' (j ' || c.j || '): cancel() said ' || c.cancelled || ', status ' || jb.status AS x
-          FROM chaos.cancel_log c JOIN jobloop.job jb ON jb.id = c.id
+          FROM chaos.cancel_log c JOIN jobloop.jobs jb ON jb.id = c.id
          WHERE c.cancelled AND jb.status <> 'cancelled'
         UNION ALL
         SELECT 'job ' || jb.id || ' cancelled, but not by this suite'
-          FROM jobloop.job jb JOIN chaos.job_of o USING (id)
+          FROM jobloop.jobs jb JOIN chaos.job_of o USING (id)
          WHERE jb.status = 'cancelled' AND NOT EXISTS (SELECT FROM chaos.cancel_log c WHERE c.j = o.j AND c.cancelled)) q")
 tap_is "$bad" "" "every cancel that returned true left its job cancelled, and no other job is cancelled"
 
@@ -536,7 +536,7 @@ tap_is "$bad" "" "every cancel that returned true left its job cancelled, and no
 # whose fault may fail; failed or cancelled no later than its first always-failing step.
 bad=$(bad_rows "SELECT string_agg(jb.id || ' (j ' || o.j || ', plan ' || pl.faults || '): ' || jb.status
                                 || ' at step ' || jb.step || coalesce(' (' || left(jb.last_error, 100) || ')', ''), '; ')
-                FROM jobloop.job jb JOIN chaos.job_of o USING (id) JOIN chaos.expect e USING (j)
+                FROM jobloop.jobs jb JOIN chaos.job_of o USING (id) JOIN chaos.expect e USING (j)
                 JOIN (SELECT j, string_agg(fault, ',' ORDER BY n) faults FROM chaos.plan GROUP BY j) pl USING (j)
                 LEFT JOIN chaos.plan p ON p.j = o.j AND p.n = jb.step
                 LEFT JOIN chaos.fault f ON f.name = p.fault
@@ -551,7 +551,7 @@ bad=$(bad_rows "SELECT string_agg(c || ' x ' || fault || ' (wants /' || reason |
                 FROM (SELECT p.fault, f.reason, regexp_replace(left(jb.last_error, 200), '[0-9]+', 'N', 'g') e,
                              count(*) c, array_to_string((array_agg(jb.id ORDER BY jb.id))[1:5], ', ')
                                          || CASE WHEN count(*) > 5 THEN ', ...' ELSE '' END AS ids
-                        FROM jobloop.job jb JOIN chaos.job_of o USING (id)
+                        FROM jobloop.jobs jb JOIN chaos.job_of o USING (id)
                         JOIN chaos.plan p ON p.j = o.j AND p.n = jb.step
                         JOIN chaos.fault f ON f.name = p.fault
                        WHERE jb.status = 'failed' AND NOT coalesce(jb.last_error ~* f.reason, false)
@@ -580,7 +580,7 @@ if cr_load_access_log chaos.access; then
           UNION ALL
           SELECT 'a request for step ' || t.step || ' of job ' || t.job || ', which ended ' || jb.status
                  || ' at step ' || jb.step
-            FROM chaos.tries t JOIN jobloop.job jb ON jb.id = t.job
+            FROM chaos.tries t JOIN jobloop.jobs jb ON jb.id = t.job
            WHERE t.step > jb.step OR (t.step = jb.step AND jb.status = 'completed')) q")
     tap_is "$bad" "" "every request carried its (job, step) key and tag, and none asked past its job's end"
     bad=$(bad_rows "SELECT string_agg(line, E'\n' ORDER BY fault) FROM (
@@ -658,7 +658,7 @@ expected_seen=$(cr_sql "SELECT jsonb_agg(g) FROM generate_series(0, $K - 1) g")
 if [[ -n "$j" && "$new_id" =~ ^[0-9]+$ ]]; then
     st=$(cr_sql "SELECT jobloop.wait($new_id, '60s')" || true)
     tap_is "$st $(cr_sql "SELECT step || ' ' || (state->'seen')::text || coalesce(' ' || (state->'wrong')::text, '')
-                           FROM jobloop.job WHERE id = $new_id")" \
+                           FROM jobloop.jobs WHERE id = $new_id")" \
         "completed $K $expected_seen" "a fault-free job submitted afterwards completes with exactly $K steps"
 else
     tap_ok 1 "a fault-free job submitted afterwards completes with exactly $K steps" "submit failed (j '$j', id '$new_id')"

@@ -89,7 +89,7 @@ cr_restart_immediate() {
 }
 
 cr_progress() {
-    cr_sql "SELECT coalesce(sum(step), 0) FROM jobloop.job"
+    cr_sql "SELECT coalesce(sum(step), 0) FROM jobloop.jobs"
 }
 
 _cr_progressed() {
@@ -104,7 +104,7 @@ cr_wait_progress() {
 
 _cr_unfinished() {
     local n
-    n=$(cr_sql "SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')") || return 1
+    n=$(cr_sql "SELECT count(*) FROM jobloop.jobs WHERE status IN ('pending', 'running')") || return 1
     [[ "$n" == 0 ]]
 }
 
@@ -132,7 +132,7 @@ cr_load_access_log() {
           FROM ${table}_raw
                CROSS JOIN LATERAL regexp_match(line, '^([0-9.]+) \\S+ \\S+ \"(\\S+) (\\S+)\" ([0-9]+) [0-9]+ \"([^\"]*)\" ([0-9.]+)\$') m
                LEFT JOIN LATERAL regexp_match(m[5], '^jobloop-([0-9a-f-]{36})-([0-9]+)\$') k ON true
-               LEFT JOIN jobloop.job j ON j.key_token = k[1]::uuid" >/dev/null
+               LEFT JOIN (SELECT id, key_token FROM jobloop.job UNION ALL SELECT id, key_token FROM jobloop.finished_job) j ON j.key_token = k[1]::uuid" >/dev/null
 }
 
 # The disruption times as a SQL array literal of numerics.
@@ -184,7 +184,7 @@ cr_disrupt() {
             continue
         fi
         before=$(cr_progress || true)
-        unfinished=$(cr_sql "SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')" || true)
+        unfinished=$(cr_sql "SELECT count(*) FROM jobloop.jobs WHERE status IN ('pending', 'running')" || true)
         [[ -n "$unfinished" && "$unfinished" -gt 0 ]] && mid_run=$((mid_run + 1))
         if [[ $ev == restart ]]; then
             if cr_restart_immediate; then

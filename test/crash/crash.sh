@@ -88,21 +88,21 @@ if cr_wait_all_finished "$DEADLINE"; then
     tap_ok 0 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)"
 else
     tap_ok 1 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)" \
-        "$(cr_sql "SELECT status, worker, count(*) FROM jobloop.job GROUP BY 1, 2 ORDER BY 1, 2")"
+        "$(cr_sql "SELECT status, worker, count(*) FROM jobloop.jobs GROUP BY 1, 2 ORDER BY 1, 2")"
 fi
 tap_diag "finished $((SECONDS - t_wait)) s after the last disruption"
 
 # ---- the outcome of every job ------------------------------------------------------
-tap_is "$(cr_sql "SELECT count(*) FILTER (WHERE status = 'completed') || '/' || count(*) FROM jobloop.job")" \
+tap_is "$(cr_sql "SELECT count(*) FILTER (WHERE status = 'completed') || '/' || count(*) FROM jobloop.jobs")" \
     "$JOBS/$JOBS" "all $JOBS jobs completed"
-bad=$(cr_sql "SELECT id || ' ' || status || ': ' || coalesce(last_error, '') FROM jobloop.job
+bad=$(cr_sql "SELECT id || ' ' || status || ': ' || coalesce(last_error, '') FROM jobloop.jobs
               WHERE status <> 'completed' ORDER BY id LIMIT 10")
 tap_is "$bad" "" "no job failed or was cancelled"
-tap_is "$(cr_sql "SELECT count(*) FROM jobloop.job WHERE step <> $K")" 0 "every job's step counter is exactly $K"
-tap_is "$(cr_sql "SELECT count(*) FROM jobloop.job WHERE (state->>'n')::int IS DISTINCT FROM $K")" 0 \
+tap_is "$(cr_sql "SELECT count(*) FROM jobloop.jobs WHERE step <> $K")" 0 "every job's step counter is exactly $K"
+tap_is "$(cr_sql "SELECT count(*) FROM jobloop.jobs WHERE (state->>'n')::int IS DISTINCT FROM $K")" 0 \
     "every job's state.n is exactly $K"
 expected_seen=$(cr_sql "SELECT jsonb_agg(g) FROM generate_series(0, $K - 1) g")
-bad=$(cr_sql "SELECT id || ': ' || (state->'seen')::text FROM jobloop.job
+bad=$(cr_sql "SELECT id || ': ' || (state->'seen')::text FROM jobloop.jobs
               WHERE state->'seen' IS DISTINCT FROM '$expected_seen'::jsonb ORDER BY id LIMIT 10")
 tap_is "$bad" "" "every job's state.seen is exactly $expected_seen (each step once, in order)"
 
@@ -127,11 +127,11 @@ if cr_load_access_log crashtest.access; then
             FROM crashtest.access WHERE n IS DISTINCT FROM step HAVING count(*) > 0
           UNION ALL
           SELECT 'never requested: job ' || j.id || ' step ' || s
-            FROM jobloop.job j, generate_series(0, $K - 1) s
+            FROM jobloop.jobs j, generate_series(0, $K - 1) s
            WHERE NOT EXISTS (SELECT FROM crashtest.access a WHERE a.job = j.id AND a.step = s)
           UNION ALL
           SELECT 'requested beyond the last step: ' || min(key) FROM crashtest.access
-           WHERE step >= $K OR job NOT IN (SELECT id FROM jobloop.job) HAVING count(*) > 0
+           WHERE step >= $K OR job NOT IN (SELECT id FROM jobloop.jobs) HAVING count(*) > 0
         ) q")
     tap_is "$bad" "" "the API saw every (job, step) 0..$((K - 1)), keyed jobloop-<key_token>-<step>, with n = step"
 
@@ -166,7 +166,7 @@ tap_ok $rc "$CR_WORKERS workers are running" "workers running: $(cr_worker_pids 
 new_id=$(cr_sql "SELECT jobloop.submit('crash', '{\"n\": 0, \"seen\": []}', 'after')" || true)
 if [[ -n "$new_id" ]]; then
     tap_is "$(cr_sql "SELECT jobloop.wait($new_id, '60s')")" completed "a job submitted afterwards completes"
-    tap_is "$(cr_sql "SELECT step || ' ' || (state->'seen')::text FROM jobloop.job WHERE id = $new_id")" \
+    tap_is "$(cr_sql "SELECT step || ' ' || (state->'seen')::text FROM jobloop.jobs WHERE id = $new_id")" \
         "$K $expected_seen" "... with exactly $K steps"
 else
     tap_ok 1 "a job submitted afterwards completes" "submit failed"

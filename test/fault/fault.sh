@@ -106,7 +106,7 @@ CREATE TABLE fault.expect AS
              WHERE fault.path((j.state->>'seed')::int, n) NOT IN ('json', 'delay', 'flaky')) AS doomed_at,
            (SELECT bool_and(fault.path((j.state->>'seed')::int, n) IN ('json', 'delay'))
               FROM generate_series(0, $K - 1) n) AS fault_free
-      FROM jobloop.job j;
+      FROM jobloop.jobs j;
 SELECT count(*) FILTER (WHERE doomed_at IS NOT NULL) || ' doomed, '
        || count(*) FILTER (WHERE fault_free) || ' fault-free' FROM fault.expect;
 SQL
@@ -129,27 +129,27 @@ if cr_wait_all_finished "$DEADLINE"; then
     tap_ok 0 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)"
 else
     tap_ok 1 "every job finished within ${DEADLINE}s of the last disruption (lease_timeout is 600s)" \
-        "$(cr_sql "SELECT status, worker, count(*) FROM jobloop.job GROUP BY 1, 2 ORDER BY 1, 2")"
+        "$(cr_sql "SELECT status, worker, count(*) FROM jobloop.jobs GROUP BY 1, 2 ORDER BY 1, 2")"
 fi
 tap_diag "finished $((SECONDS - t_wait)) s after the last disruption"
 tap_diag "outcomes: $(cr_sql "SELECT string_agg(status || ' ' || c, ', ') FROM
-                               (SELECT status, count(*) c FROM jobloop.job GROUP BY 1 ORDER BY 1) s")"
+                               (SELECT status, count(*) c FROM jobloop.jobs GROUP BY 1 ORDER BY 1) s")"
 
-tap_is "$(cr_sql "SELECT count(*) FROM jobloop.job WHERE status NOT IN ('completed', 'failed')")" 0 \
+tap_is "$(cr_sql "SELECT count(*) FROM jobloop.jobs WHERE status NOT IN ('completed', 'failed')")" 0 \
     "every job ended completed or failed"
-bad=$(cr_sql "SELECT string_agg(id::text, ', ') FROM jobloop.job
+bad=$(cr_sql "SELECT string_agg(id::text, ', ') FROM jobloop.jobs
               WHERE status = 'failed' AND coalesce(btrim(last_error), '') = ''")
 tap_is "$bad" "" "every failed job has a last_error"
 tap_diag "failure reasons:"
 tap_diag "$(cr_sql "SELECT count(*) || ' x ' || e FROM (SELECT regexp_replace(last_error, '[0-9]+', 'N', 'g') e
-                      FROM jobloop.job WHERE status = 'failed') f GROUP BY e ORDER BY count(*) DESC")"
+                      FROM jobloop.jobs WHERE status = 'failed') f GROUP BY e ORDER BY count(*) DESC")"
 
 expected_seen=$(cr_sql "SELECT jsonb_agg(g) FROM generate_series(0, $K - 1) g")
-bad=$(cr_sql "SELECT string_agg(id || ': step ' || step || ' ' || state::text, '; ') FROM jobloop.job
+bad=$(cr_sql "SELECT string_agg(id || ': step ' || step || ' ' || state::text, '; ') FROM jobloop.jobs
               WHERE status = 'completed'
                 AND NOT (step = $K AND (state->>'n')::int = $K AND state->'seen' = '$expected_seen'::jsonb)")
 tap_is "$bad" "" "every completed job has step = n = $K and seen = $expected_seen (each step once, in order)"
-bad=$(cr_sql "SELECT string_agg(id || ': step ' || step || ' ' || state::text, '; ') FROM jobloop.job j
+bad=$(cr_sql "SELECT string_agg(id || ': step ' || step || ' ' || state::text, '; ') FROM jobloop.jobs j
               WHERE status = 'failed'
                 AND NOT ((state->>'n')::int = step AND step < $K
                          AND state->'seen' = (SELECT coalesce(jsonb_agg(g ORDER BY g), '[]')
@@ -159,15 +159,15 @@ tap_is "$bad" "" "every failed job has n = step < $K and seen = [0 .. step-1] (e
 # Which jobs had to end how: a step that can never succeed fails the job at that step at
 # the latest; a job that only meets /json and /delay must complete despite the crashes.
 bad=$(cr_sql "SELECT string_agg(j.id || ' (doomed at ' || e.doomed_at || '): ' || j.status || ' at step ' || j.step, '; ')
-                FROM jobloop.job j JOIN fault.expect e USING (id)
+                FROM jobloop.jobs j JOIN fault.expect e USING (id)
                WHERE e.doomed_at IS NOT NULL AND NOT (j.status = 'failed' AND j.step <= e.doomed_at)")
 tap_is "$bad" "" "every job with a step that always fails failed, at that step or before"
 bad=$(cr_sql "SELECT string_agg(j.id || ': ' || j.status || ' ' || coalesce(j.last_error, ''), '; ')
-                FROM jobloop.job j JOIN fault.expect e USING (id)
+                FROM jobloop.jobs j JOIN fault.expect e USING (id)
                WHERE e.fault_free AND j.status <> 'completed'")
 tap_is "$bad" "" "every job that never met a fault completed"
 bad=$(cr_sql "SELECT string_agg(j.id || ' step ' || j.step || ' (' || fault.path(e.seed, j.step) || '): ' || j.last_error, '; ')
-                FROM jobloop.job j JOIN fault.expect e USING (id)
+                FROM jobloop.jobs j JOIN fault.expect e USING (id)
                WHERE j.status = 'failed' AND j.step = e.doomed_at
                  AND NOT CASE fault.path(e.seed, j.step)
                          WHEN '500' THEN j.last_error LIKE '%500%'
@@ -179,7 +179,7 @@ tap_is "$(cr_sql "SELECT count(*) FILTER (WHERE status = 'completed') > 0
                          AND count(*) FILTER (WHERE status = 'failed') > 0
                          AND count(*) FILTER (WHERE status = 'completed' AND EXISTS (
                                SELECT FROM fault.expect e WHERE e.id = j.id AND NOT e.fault_free)) > 0
-                    FROM jobloop.job j")" t \
+                    FROM jobloop.jobs j")" t \
     "both outcomes occur, and jobs that met /flaky faults also completed"
 
 # ---- what the API saw -----------------------------------------------------------------------
@@ -200,7 +200,7 @@ if cr_load_access_log fault.access; then
            WHERE n IS NOT NULL AND n IS DISTINCT FROM step HAVING count(*) > 0
           UNION ALL
           SELECT 'a request for step ' || a.step || ' of job ' || a.job || ' which ended at step ' || j.step
-            FROM fault.access a JOIN jobloop.job j ON j.id = a.job
+            FROM fault.access a JOIN jobloop.jobs j ON j.id = a.job
            WHERE a.step > j.step OR (a.step = j.step AND j.status = 'completed')
           UNION ALL
           SELECT 'wrong endpoint for ' || a.key || ': ' || a.uri
@@ -255,7 +255,7 @@ seed=$(cr_sql "SELECT s FROM generate_series(100000, 200000) s
 new_id=$(cr_sql "SELECT jobloop.submit('fault', jsonb_build_object('n', 0, 'seen', '[]'::jsonb, 'seed', $seed), 'after')" || true)
 if [[ -n "$new_id" ]]; then
     st=$(cr_sql "SELECT jobloop.wait($new_id, '60s')" || true)
-    tap_is "$st $(cr_sql "SELECT step || ' ' || (state->'seen')::text FROM jobloop.job WHERE id = $new_id")" \
+    tap_is "$st $(cr_sql "SELECT step || ' ' || (state->'seen')::text FROM jobloop.jobs WHERE id = $new_id")" \
         "completed $K $expected_seen" "a fault-free job submitted afterwards completes with exactly $K steps"
 else
     tap_ok 1 "a fault-free job submitted afterwards completes with exactly $K steps" "submit failed"

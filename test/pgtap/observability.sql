@@ -2,7 +2,7 @@
 -- on a database a worker serves.
 \ir lib.psql
 
-SELECT plan(13);
+SELECT plan(19);
 
 -- A kind of its own for each run, so that a re-run counts afresh.
 SELECT 'observability_fail_' || left(jltest.tag(), 12) AS fail_kind \gset
@@ -28,6 +28,16 @@ SELECT jltest.submit_script('observability_ok', '[{"url": "/json?n=1"}, {"url": 
 SELECT jltest.submit_script(:'fail_kind', '[{"url": "/status/503"}]') AS fail_job \gset
 SELECT is(jobloop.wait(:ok_job, '30 s'), 'completed', 'a 3-step job completes');
 SELECT is(jobloop.wait(:fail_job, '30 s'), 'failed', 'another job fails');
+SELECT jltest.submit_script('observability_ok', '[{"url": "/delay?s=5&n=1"}]') AS cancel_job \gset
+SELECT ok(jobloop.cancel(:cancel_job), 'a third job is cancelled');
+
+-- Each left jobloop.job for jobloop.finished_job when it finished, whoever finished it.
+SELECT is((SELECT string_agg(status, ',' ORDER BY id) FROM jobloop.finished_job
+            WHERE id IN (:ok_job, :fail_job, :cancel_job)),
+          'completed,failed,cancelled',
+          'finished jobs are in jobloop.finished_job: completed and failed by the worker, cancelled by cancel()');
+SELECT is((SELECT count(*) FROM jobloop.job WHERE id IN (:ok_job, :fail_job, :cancel_job)), 0::bigint,
+          '... and no longer in jobloop.job');
 
 -- The counters are updated by the worker after its commit: wait for them.
 SELECT ok(jltest.eventually(format($$SELECT sum(steps) >= %s + 3 AND sum(jobs_completed) >= %s + 1 AND sum(jobs_failed) >= %s + 1
@@ -59,5 +69,16 @@ SELECT results_eq(format($$SELECT failed, last_error FROM jobloop.errors WHERE k
                   $$VALUES (1::bigint, 'HTTP 503 Service Unavailable after 1 attempts')$$,
                   'errors: failures of the last day by kind, with the latest reason');
 SELECT is_empty($$SELECT 1 FROM jobloop.errors WHERE kind = 'observability_ok'$$, 'a kind without failures is not listed');
+
+-- retry() moves a failed job back to jobloop.job (seen before the commit lets a worker
+-- at it); it fails again and moves again.
+BEGIN;
+SELECT ok(jobloop.retry(:fail_job), 'retry() of the failed job');
+SELECT is((SELECT status FROM jobloop.job WHERE id = :fail_job), 'pending',
+          '... moves it back to jobloop.job, pending');
+COMMIT;
+SELECT jobloop.wait(:fail_job, '30 s') AS refailed \gset
+SELECT is(:'refailed' || ' ' || (SELECT count(*) FROM jobloop.finished_job WHERE id = :fail_job),
+          'failed 1', '... it fails again and is in jobloop.finished_job again');
 
 SELECT * FROM finish();

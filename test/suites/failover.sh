@@ -88,11 +88,11 @@ tap_ok "$([[ "$err" == *"cannot submit jobs on a standby server"* ]]; echo $?)" 
 
 # ---- run, crash the primary, promote -------------------------------------------------------
 qp "SELECT count(jobloop.submit('fo', '{}', 'shop-' || g % 4)) FROM generate_series(1, $JOBS) g" >/dev/null
-midway() { (( $(qp "SELECT count(*) FROM jobloop.job WHERE step >= 2") >= JOBS / 2 )); }
+midway() { (( $(qp "SELECT count(*) FROM jobloop.jobs WHERE step >= 2") >= JOBS / 2 )); }
 jl_wait_for 60 midway || tap_bail "the jobs made no progress"
 _jl_as_pg "$JL_PGBIN/pg_ctl" -D "$JL_PGDATA" -m immediate stop >/dev/null 2>&1 \
     || tap_bail "could not crash-stop the primary"
-unfinished=$(qs "SELECT count(*) FROM jobloop.job WHERE status <> 'completed'")
+unfinished=$(qs "SELECT count(*) FROM jobloop.jobs WHERE status <> 'completed'")
 tap_ok "$( (( unfinished > 0 )); echo $?)" "the primary stopped mid-run ($unfinished of $JOBS jobs unfinished on the standby)"
 tap_is "$(qs "SELECT pg_promote(wait => true)")" "t" "the standby is promoted"
 
@@ -101,13 +101,13 @@ workers_up() { [[ "$(qs "SELECT count(*) FROM pg_stat_activity WHERE backend_typ
 rc=0
 jl_wait_for 30 workers_up || rc=$?
 tap_ok $rc "the workers start on the new primary"
-all_done() { [[ "$(qs "SELECT count(*) FROM jobloop.job WHERE status = 'completed'")" == "$JOBS" ]]; }
+all_done() { [[ "$(qs "SELECT count(*) FROM jobloop.jobs WHERE status = 'completed'")" == "$JOBS" ]]; }
 rc=0
 jl_wait_for 90 all_done || rc=$?
 tap_ok $rc "every job completes on the new primary" \
-    "$(qs "SELECT status, count(*) FROM jobloop.job GROUP BY 1")"
+    "$(qs "SELECT status, count(*) FROM jobloop.jobs GROUP BY 1")"
 expected_seen=$(qs "SELECT jsonb_agg(g) FROM generate_series(0, $K - 1) g")
-tap_is "$(qs "SELECT count(*) FROM jobloop.job WHERE state->'seen' IS DISTINCT FROM '$expected_seen'::jsonb")" "0" \
+tap_is "$(qs "SELECT count(*) FROM jobloop.jobs WHERE state->'seen' IS DISTINCT FROM '$expected_seen'::jsonb")" "0" \
     "each step counted exactly once (state.seen = $expected_seen for every job)"
 
 # Every request either server sent: its key is jobloop-<key_token of a job>-<step>, and its
@@ -119,7 +119,7 @@ bad=$( (echo "CREATE TEMP TABLE raw (line text); COPY raw FROM STDIN WITH (FORMA
                      || ' of ' || count(*) || ' resent ' || (count(*) - count(DISTINCT k[1] || k[2]))
                 FROM raw r
                 CROSS JOIN LATERAL regexp_match(r.line, '\"jobloop-([0-9a-f-]{36})-([0-9]+)\"') k
-                LEFT JOIN jobloop.job j ON j.key_token = k[1]::uuid
+                LEFT JOIN (SELECT id, key_token FROM jobloop.job UNION ALL SELECT id, key_token FROM jobloop.finished_job) j ON j.key_token = k[1]::uuid
                WHERE k IS NOT NULL;") \
        | jl_psql -p "$standby_port" -At 2>&1 | tail -n 1)
 tap_ok "$([[ "$bad" =~ ^0\ of\ ([0-9]+)\ resent\ ([0-9]+)$ ]] && (( BASH_REMATCH[1] >= JOBS * K )); echo $?)" \

@@ -142,7 +142,7 @@ SELECT m[1]::numeric, m[1]::numeric - m[7]::numeric, m[2], m[4], m[5]::int, null
   FROM lt.raw
        CROSS JOIN LATERAL regexp_match(line, '^([0-9.]+) \S+ (\S+) "(\S+) (\S+)" ([0-9]+) [0-9]+ "([^"]*)" ([0-9.]+)$') m
        LEFT JOIN LATERAL regexp_match(m[6], '^jobloop-([0-9a-f-]{36})-([0-9]+)$') k ON true
-       LEFT JOIN jobloop.job j ON j.key_token = k[1]::uuid;
+       LEFT JOIN (SELECT id, key_token FROM jobloop.job UNION ALL SELECT id, key_token FROM jobloop.finished_job) j ON j.key_token = k[1]::uuid;
 SQL
 }
 

@@ -57,7 +57,7 @@ vacuums_before=$(q "SELECT autovacuum_count FROM pg_stat_user_tables
                     WHERE relid = 'jobloop.job'::regclass")
 
 q "SELECT count(jobloop.submit('mt', '{}')) FROM generate_series(1, 40)" >/dev/null
-all_done() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE status = 'completed'")" == 40 ]]; }
+all_done() { [[ "$(q "SELECT count(*) FROM jobloop.jobs WHERE status = 'completed'")" == 40 ]]; }
 rc=0; jl_wait_for 120 all_done || rc=$?
 tap_ok $rc "40 jobs of 25 steps completed"
 

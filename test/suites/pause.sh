@@ -53,19 +53,19 @@ SQL
 
 # ---- pause mid-run --------------------------------------------------------------------
 q "SELECT count(jobloop.submit('ps', '{}', 'shop-' || g % 2)) FROM generate_series(1, 30) g" >/dev/null
-some_steps() { (( $(q "SELECT count(*) FROM jobloop.job WHERE step >= 2") >= 10 )); }
+some_steps() { (( $(q "SELECT count(*) FROM jobloop.jobs WHERE step >= 2") >= 10 )); }
 jl_wait_for 30 some_steps || tap_bail "the jobs did not start"
 q "SELECT jobloop.pause()" >/dev/null
 
 # Calls in flight finish and commit; then every job is back in the table, paused.
-let_go() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE worker IS NOT NULL")" == 0 ]]; }
+let_go() { [[ "$(q "SELECT count(*) FROM jobloop.jobs WHERE worker IS NOT NULL")" == 0 ]]; }
 rc=0
 jl_wait_for 20 let_go || rc=$?
 tap_ok $rc "after pause(), the workers hold no job" \
-    "$(q "SELECT string_agg(id || ':' || status || ':' || worker, ' ') FROM jobloop.job WHERE worker IS NOT NULL")"
+    "$(q "SELECT string_agg(id || ':' || status || ':' || worker, ' ') FROM jobloop.jobs WHERE worker IS NOT NULL")"
 tap_is "$(q "SELECT sum(held) FROM jobloop.worker_stats() WHERE database = 'jobloop'")" "0" \
     "... and worker_stats() says so (no job in worker memory)"
-unfinished=$(q "SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')")
+unfinished=$(q "SELECT count(*) FROM jobloop.jobs WHERE status IN ('pending', 'running')")
 tap_ok "$( (( unfinished > 0 )); echo $?)" "the pause came mid-run ($unfinished jobs unfinished)"
 tap_is "$(q "SELECT count(*) FILTER (WHERE paused) || ' ' || count(*) FROM jobloop.jobs
               WHERE status IN ('pending', 'running')")" "$unfinished $unfinished" \
@@ -80,11 +80,11 @@ tap_is "$(requests)" "$before" "no request reaches the API while the database is
 
 # ---- resume -----------------------------------------------------------------------------
 tap_is "$(q "SELECT jobloop.resume()")" "1" "resume() removes the pause"
-all_done() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE status = 'completed'")" == 30 ]]; }
+all_done() { [[ "$(q "SELECT count(*) FROM jobloop.jobs WHERE status = 'completed'")" == 30 ]]; }
 rc=0
 jl_wait_for 60 all_done || rc=$?
 tap_ok $rc "after resume(), every job completes"
-tap_is "$(q "SELECT count(*) FROM jobloop.job WHERE state->'seen' IS DISTINCT FROM '[0,1,2,3,4,5]'")" "0" \
+tap_is "$(q "SELECT count(*) FROM jobloop.jobs WHERE state->'seen' IS DISTINCT FROM '[0,1,2,3,4,5]'")" "0" \
     "every job saw each step's response once, in order"
 tap_is "$(requests)" "180" "the API received 180 requests for 30 jobs x 6 steps: none lost, none repeated"
 
@@ -93,9 +93,9 @@ q "SELECT jobloop.pause(tenant => 'shop-1'), jobloop.pause(kind => 'ps_other')" 
 a=$(q "SELECT jobloop.submit('ps', '{}', 'shop-0')")
 b=$(q "SELECT jobloop.submit('ps', '{}', 'shop-1')")
 c=$(q "SELECT jobloop.submit('ps_other', '{}', 'shop-0')")
-a_done() { [[ "$(q "SELECT status FROM jobloop.job WHERE id = $a")" == completed ]]; }
+a_done() { [[ "$(q "SELECT status FROM jobloop.jobs WHERE id = $a")" == completed ]]; }
 jl_wait_for 30 a_done || true
-tap_is "$(q "SELECT string_agg(status || ':' || step, ' ' ORDER BY id) FROM jobloop.job WHERE id IN ($a, $b, $c)")" \
+tap_is "$(q "SELECT string_agg(status || ':' || step, ' ' ORDER BY id) FROM jobloop.jobs WHERE id IN ($a, $b, $c)")" \
     "completed:6 pending:0 pending:0" \
     "with tenant shop-1 and kind ps_other paused, only the other job ran"
 q "SELECT jobloop.resume()" >/dev/null
@@ -111,16 +111,16 @@ CREATE FUNCTION ps.req_wait(s jsonb) RETURNS jsonb LANGUAGE sql RETURN jsonb_bui
 SELECT jobloop.create_kind('ps_wait', 'ps.req_wait(jsonb)', 'ps.step(jsonb,jsonb)', 'ps.done(jsonb)');
 SQL
 q "SELECT count(jobloop.submit('ps_wait', '{}', 'shop-w')) FROM generate_series(1, 600)" >/dev/null
-waiting() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE kind = 'ps_wait' AND step = 1 AND worker IS NOT NULL")" == 600 ]]; }
+waiting() { [[ "$(q "SELECT count(*) FROM jobloop.jobs WHERE kind = 'ps_wait' AND step = 1 AND worker IS NOT NULL")" == 600 ]]; }
 jl_wait_for 60 waiting || tap_bail "the 600 jobs did not reach their wait"
 pids_before=$(q "SELECT string_agg(pid::text, ' ' ORDER BY pid) FROM pg_stat_activity WHERE backend_type = 'jobloop worker'")
 jl_psql >/dev/null <<'SQL'
 BEGIN;
 SELECT jobloop.pause(kind => 'ps_wait');
-SELECT count(jobloop.cancel(id)) FROM jobloop.job WHERE kind = 'ps_wait' AND status = 'running';
+SELECT count(jobloop.cancel(id)) FROM jobloop.jobs WHERE kind = 'ps_wait' AND status = 'running';
 COMMIT;
 SQL
-released() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE kind = 'ps_wait' AND worker IS NOT NULL")" == 0 ]]; }
+released() { [[ "$(q "SELECT count(*) FROM jobloop.jobs WHERE kind = 'ps_wait' AND worker IS NOT NULL")" == 0 ]]; }
 rc=0
 jl_wait_for 30 released || rc=$?
 tap_ok $rc "pausing a kind and cancelling its 600 waiting jobs in one transaction: all let go"
@@ -140,9 +140,9 @@ jl_wait_for 30 paused_at_start || rc=$?
 tap_ok $rc "with jobloop.start_paused, the database is paused when the workers start"
 d=$(q "SELECT jobloop.submit('ps', '{}', 'shop-0')")
 q "SELECT pg_sleep_for('1 second')" >/dev/null   # the same observation window
-tap_is "$(q "SELECT status FROM jobloop.job WHERE id = $d")" "pending" "... a new job stays pending"
+tap_is "$(q "SELECT status FROM jobloop.jobs WHERE id = $d")" "pending" "... a new job stays pending"
 q "SELECT jobloop.resume()" >/dev/null
-d_done() { [[ "$(q "SELECT status FROM jobloop.job WHERE id = $d")" == completed ]]; }
+d_done() { [[ "$(q "SELECT status FROM jobloop.jobs WHERE id = $d")" == completed ]]; }
 rc=0
 jl_wait_for 30 d_done || rc=$?
 tap_ok $rc "... and runs after resume()"

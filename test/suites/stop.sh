@@ -58,10 +58,10 @@ workers_up() {      # workers_up N: N workers in pg_stat_activity
     [[ "$(q "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'jobloop worker'")" == "$1" ]]
 }
 in_flight() {       # in_flight N: at least N jobs held by a worker
-    (( $(q "SELECT count(*) FROM jobloop.job WHERE status = 'running' AND worker IS NOT NULL") >= $1 ))
+    (( $(q "SELECT count(*) FROM jobloop.jobs WHERE status = 'running' AND worker IS NOT NULL") >= $1 ))
 }
 all_completed() {
-    [[ "$(q "SELECT count(*) FILTER (WHERE status = 'completed') = count(*) FROM jobloop.job")" == t ]]
+    [[ "$(q "SELECT count(*) FILTER (WHERE status = 'completed') = count(*) FROM jobloop.jobs")" == t ]]
 }
 sleeping() {        # a worker is inside the sleeping request()
     [[ "$(q "SELECT count(*) FROM pg_stat_activity
@@ -129,7 +129,7 @@ jl_wait_for 30 workers_up 2
 tap_ok $? "after a start, both workers run again"
 jl_wait_for 60 all_completed
 tap_ok $? "every job held at the stop completes" \
-    "$(q "SELECT status, count(*) FROM jobloop.job GROUP BY status")"
+    "$(q "SELECT status, count(*) FROM jobloop.jobs GROUP BY status")"
 
 # ---- terminate ----------------------------------------------------------------------------
 old=$(worker_pid 1)

@@ -47,7 +47,7 @@ check() {       # check EVENT DESC
     jl_wait_for 15 worker_waits "$want"
     tap_ok $? "$2: wait_event $want" "seen: $(seen)"
 }
-none_left() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')")" == 0 ]]; }
+none_left() { [[ "$(q "SELECT count(*) FROM jobloop.jobs WHERE status IN ('pending', 'running')")" == 0 ]]; }
 
 check JobloopExtension "before CREATE EXTENSION jobloop"
 

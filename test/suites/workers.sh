@@ -51,23 +51,23 @@ SELECT jobloop.create_kind('wt', 'wt.req(jsonb)', 'wt.step(jsonb,jsonb)', 'wt.do
 SQL
 
 all_held() {    # all_held N [FROM_ID]: N running jobs (with id > FROM_ID) held by a worker
-    [[ "$(q "SELECT count(*) FROM jobloop.job
+    [[ "$(q "SELECT count(*) FROM jobloop.jobs
               WHERE status = 'running' AND worker IS NOT NULL AND id > ${2:-0}")" == "$1" ]]
 }
 per_worker() {  # "count count" of held jobs, largest first
     q "SELECT string_agg(n::text, ' ' ORDER BY n DESC) FROM (
-         SELECT count(*) AS n FROM jobloop.job WHERE worker IS NOT NULL GROUP BY worker) c"
+         SELECT count(*) AS n FROM jobloop.jobs WHERE worker IS NOT NULL GROUP BY worker) c"
 }
 workers_started() { [[ "$(q "SELECT count(*) FROM jobloop.worker_stats()")" == 2 ]]; }
 stats_agree() {
     [[ "$(q "SELECT string_agg(held::text, ' ' ORDER BY held DESC) FROM jobloop.worker_stats()")" == "$(per_worker)" ]]
 }
-none_left() { [[ "$(q "SELECT count(*) FROM jobloop.job WHERE status IN ('pending', 'running')")" == 0 ]]; }
+none_left() { [[ "$(q "SELECT count(*) FROM jobloop.jobs WHERE status IN ('pending', 'running')")" == 0 ]]; }
 stuck() {       # a worker is inside the stalling request()
     [[ "$(q "SELECT count(*) FROM pg_stat_activity
               WHERE backend_type = 'jobloop worker' AND wait_event = 'PgSleep'")" == 1 ]]
 }
-completed() { [[ "$(q "SELECT status FROM jobloop.job WHERE id = $1")" == completed ]]; }
+completed() { [[ "$(q "SELECT status FROM jobloop.jobs WHERE id = $1")" == completed ]]; }
 
 jl_wait_for 30 workers_started || tap_bail "two workers did not start"
 
@@ -84,7 +84,7 @@ tap_ok $? "each holds at least a quarter of them (300): ${most:-?} and ${least:-
 jl_wait_for 10 stats_agree
 tap_ok $? "worker_stats() shows the same split" "worker_stats: $(q "SELECT string_agg(held::text, ' ') FROM jobloop.worker_stats()")"
 
-q "SELECT count(jobloop.cancel(id)) FROM (SELECT id FROM jobloop.job WHERE status = 'running' ORDER BY id) j" >/dev/null
+q "SELECT count(jobloop.cancel(id)) FROM (SELECT id FROM jobloop.jobs WHERE status = 'running' ORDER BY id) j" >/dev/null
 jl_wait_for 60 none_left || tap_bail "the first burst was not cancelled"
 
 # ---- stuck --------------------------------------------------------------------------------
