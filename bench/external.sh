@@ -209,7 +209,7 @@ SQL
         IFS='|' read -r now steps unfinished < <(jl_psql -Atc "
             SELECT extract(epoch FROM clock_timestamp()), coalesce(sum(step), 0),
                    count(*) FILTER (WHERE status IN ('pending', 'running'))
-              FROM jobloop.job")
+              FROM jobloop.jobs")
         echo "$now,$steps,$unfinished" >>"$samples"
         (( unfinished == 0 )) && break
         if (( $(_jl_now_us) > deadline )); then
@@ -231,7 +231,7 @@ SQL
 
     IFS='|' read -r steps failed t_done < <(jl_psql -Atc "
         SELECT coalesce(sum(step), 0), count(*) FILTER (WHERE status <> 'completed'),
-               extract(epoch FROM max(finished_at)) FROM jobloop.job")
+               extract(epoch FROM max(finished_at)) FROM jobloop.jobs")
     if [[ "$(installed_sum)" != "$INSTALLED" ]]; then
         invalid_run "$mode" "$run" "jobloop's installation was replaced during the run"
         return 1

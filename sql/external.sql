@@ -88,6 +88,11 @@ SELECT jobloop.worker_turn(NULL);
 SELECT substr(jobloop.worker_turn('\x4a4c52310000000000'), 1, 4) = '\x4a4c4131'::bytea AS reply;
 RESET ROLE;
 
+-- Retention's actions, one per call (for databases only external workers serve).
+SET ROLE regress_jobloop_worker;
+SELECT jobloop.worker_maintain() IS NOT NULL AS maintained;
+RESET ROLE;
+
 -- Stopping: the worker gives its jobs back and its slot, and serves no more turns.
 SET ROLE regress_jobloop_worker;
 SELECT jobloop.worker_detach() >= 0 AS detached;

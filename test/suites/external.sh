@@ -76,7 +76,7 @@ jl_cluster_start "jobloop.workers = 0" \
     "jobloop.allowed_hosts = '127.0.0.1,127.0.0.2'" >&2 || tap_bail "could not start a cluster"
 jl_mock_start >&2 || tap_bail "could not start the mock API"
 jl_on_exit stop_workers
-tap_plan 25
+tap_plan 26
 
 jl_psql >/dev/null <<SQL || tap_bail "setup failed"
 CREATE EXTENSION jobloop;
@@ -133,11 +133,11 @@ submit() {
          'steps', $3, 'path', '$4', 'base', '${5:-$JL_MOCK_URL}')))
        FROM generate_series(1, $2) g" >/dev/null
 }
-count_status() { q "SELECT count(*) FROM jobloop.job WHERE state->>'tag' = '$1' AND status = '$2'"; }
+count_status() { q "SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = '$1' AND status = '$2'"; }
 all_status() { [[ "$(count_status "$1" "$3")" == "$2" ]]; }
 # exact TAG COUNT STEPS: "jobs with exactly STEPS steps | applied rows | distinct (j, n)"
 exact() {
-    q "SELECT (SELECT count(*) FROM jobloop.job WHERE state->>'tag' = '$1' AND status = 'completed'
+    q "SELECT (SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = '$1' AND status = 'completed'
                  AND step = $3 AND (state->>'n')::int = $3)
            || ' ' || (SELECT count(*) FROM ext.applied WHERE tag = '$1')
            || ' ' || (SELECT count(DISTINCT (j, n)) FROM ext.applied WHERE tag = '$1')"
@@ -147,7 +147,7 @@ api_seen() {
     grep -o "tag=$1&j=[0-9]*&n=[0-9]*" "$2" | sort | awk '{ n++; if ($0 != last) d++; last = $0 }
         END { print n + 0, d + 0 }'
 }
-held_by() { q "SELECT count(*) FROM jobloop.job WHERE state->>'tag' = '$1' AND worker = $2"; }
+held_by() { q "SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = '$1' AND worker = $2"; }
 # exit_within SECONDS PID: EXIT_RC is the exit status of PID (a child of this shell), or
 # 124 if it did not exit in time.  (Not in $(...): a subshell cannot wait for it.)
 EXIT_RC=
@@ -189,12 +189,24 @@ tap_ok $? "their sessions are named jobloop-worker in pg_stat_activity"
 submit basic 200 5 /json
 jl_wait_for 60 all_status basic 200 completed
 tap_ok $? "200 jobs x 5 steps complete on two external workers" \
-    "$(q "SELECT status, count(*) FROM jobloop.job GROUP BY 1"; tail -n 5 "$WORK"/ext-*.log)"
+    "$(q "SELECT status, count(*) FROM jobloop.jobs GROUP BY 1"; tail -n 5 "$WORK"/ext-*.log)"
 tap_is "$(exact basic 200 5)" "200 1000 1000" "every job has exactly 5 steps, each applied once"
 tap_is "$(api_seen basic "$JL_MOCK_LOG")" "1000 1000" "the API saw each of the 1,000 steps once"
 tap_diag "steps per worker: $(q "SELECT string_agg(host || ' ' || steps, ', ' ORDER BY host)
                                  FROM jobloop.worker_stats()")"
 
+
+# ---- retention ----------------------------------------------------------------------------
+# No background worker runs here: the external workers keep retention going
+# (jobloop.worker_maintain() between turns), starting with the partitions of finished jobs.
+has_partitions() {
+    [[ "$(q "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = 'jobloop.finished_job'::regclass
+                AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'")" -gt 0 ]]
+}
+jl_wait_for 40 has_partitions
+tap_ok $? "with jobloop.workers = 0, the external workers make the partitions of finished jobs" \
+    "$(q "SELECT inhrelid::regclass FROM pg_inherits WHERE inhparent = 'jobloop.finished_job'::regclass")"
 
 # ---- term ---------------------------------------------------------------------------------
 # As in "kill" below: ext-b is stopped while ext-a claims the jobs.
@@ -215,8 +227,8 @@ B=$(worker_of ext-b)
 moved_to_b() { [[ "$(held_by term "$B")" == 40 ]]; }
 jl_wait_for 10 moved_to_b
 tap_ok $? "its jobs are held by ext-b within 10 s (the lease is 300 s)" \
-    "$(q "SELECT worker, status, count(*) FROM jobloop.job WHERE state->>'tag' = 'term' GROUP BY 1, 2")"
-q "SELECT count(jobloop.cancel(id)) FROM jobloop.job WHERE state->>'tag' = 'term'" >/dev/null
+    "$(q "SELECT worker, status, count(*) FROM jobloop.jobs WHERE state->>'tag' = 'term' GROUP BY 1, 2")"
+q "SELECT count(jobloop.cancel(id)) FROM jobloop.jobs WHERE state->>'tag' = 'term'" >/dev/null
 jl_wait_for 10 all_status term 40 cancelled
 tap_ok $? "the 40 jobs in flight on ext-b are cancelled"
 
@@ -240,7 +252,7 @@ unset 'PIDS[ext-a]'
 tap_diag "ext-a killed (status $EXIT_RC) holding $held jobs; $(q "SELECT count(*) FROM ext.applied WHERE tag = 'kill'") steps applied so far"
 jl_wait_for 60 all_status kill 100 completed
 tap_ok $? "every job completes after ext-a is killed mid-run" \
-    "$(q "SELECT status, worker, count(*) FROM jobloop.job WHERE state->>'tag' = 'kill' GROUP BY 1, 2")"
+    "$(q "SELECT status, worker, count(*) FROM jobloop.jobs WHERE state->>'tag' = 'kill' GROUP BY 1, 2")"
 tap_is "$(exact kill 100 5)" "100 500 500" "every job has exactly 5 steps, each applied once"
 a_gone() { [[ "$(q "SELECT count(*) FROM jobloop.worker_stats() WHERE remote_pid = $A_PID")" == 0 ]]; }
 jl_wait_for 10 a_gone
@@ -251,7 +263,7 @@ tap_ok $? "the killed worker is gone from worker_stats()"
 conns_to_2() { ss -Htn state established "( dst 127.0.0.2 and dport = :$JL_MOCK_PORT )" | wc -l; }
 tap_is "$(conns_to_2)" 0 "before the cancel, nothing is connected to 127.0.0.2"
 submit cancel 1 1 '/delay?s=5' "$JL_MOCK_URL2"
-cid=$(q "SELECT id FROM jobloop.job WHERE state->>'tag' = 'cancel'")
+cid=$(q "SELECT id FROM jobloop.jobs WHERE state->>'tag' = 'cancel'")
 in_flight() { (( $(conns_to_2) == 1 )) && all_status cancel 1 running; }
 jl_wait_for 10 in_flight || tap_bail "the job's call never got in flight"
 start_us=$(_jl_now_us)

@@ -243,7 +243,7 @@ submit() {
          FROM generate_series(1, $2) g" >/dev/null
 }
 unfinished() {
-    q "SELECT count(*) FROM jobloop.job WHERE state->>'tag' = '$1' AND status IN ('pending', 'running')"
+    q "SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = '$1' AND status IN ('pending', 'running')"
 }
 tag_done() { [[ "$(unfinished "$1")" == 0 ]]; }
 
@@ -422,7 +422,7 @@ q "ALTER SYSTEM SET jobloop.allowed_hosts = '$API_ADDR,$API_ADDR2,$DB_ADDR'" >/d
 q "SELECT pg_reload_conf()" >/dev/null
 guard_passed() {
     local i
-    i=$(q "SELECT count(*) FROM jobloop.job WHERE state->>'tag' = 'guard2'")
+    i=$(q "SELECT count(*) FROM jobloop.jobs WHERE state->>'tag' = 'guard2'")
     q "SELECT jobloop.submit('mh_once', jsonb_build_object('base', 'http://$DB_ADDR:$PGPORT', 'path', '/',
            'tag', 'guard2', 'j', $((i + 1)), 'n', 0, 'steps', 1))" >/dev/null
     jl_wait_for 20 tag_done guard2 || return 1
@@ -464,7 +464,7 @@ jl_netns_link "$CUT_HOST" down
 t_cut=$(q "SELECT extract(epoch FROM clock_timestamp())")
 if [[ -n "$W1_WORKER" ]]; then
     q "CREATE TABLE mh.held_at_cut AS SELECT id, (state->>'j')::int AS j, step
-         FROM jobloop.job WHERE state->>'tag' = 'cut' AND worker = $W1_WORKER AND status = 'running'" >/dev/null
+         FROM jobloop.jobs WHERE state->>'tag' = 'cut' AND worker = $W1_WORKER AND status = 'running'" >/dev/null
 fi
 tap_diag "pulled the cable of $CUT_HOST ($CUT_ADDR) at $t_cut; jobs it held: $(q "SELECT count(*) FROM mh.held_at_cut" 2>/dev/null || echo n/a)"
 
