@@ -773,46 +773,32 @@ store_fold_counts(void)
  * For the updates that did not apply: is the row still ours, at the step
  * our copy started from?  Then it was only locked by someone else (another
  * worker's claim, a cancel in progress) and the update is to be retried.
- * A plain read: it waits for nobody.  Row by row by primary key, for the
- * reason given at store_update_jobs.
+ * (store_read_ours: a plain read that waits for nobody.)
  */
 void
 store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid			types[3] = {INT8ARRAYOID, INT4ARRAYOID, INT4OID};
-	Datum		values[3];
-	Datum	   *ids = palloc(Max(n, 1) * sizeof(Datum));
-	Datum	   *steps = palloc(Max(n, 1) * sizeof(Datum));
-	int64	   *found;
+	int64	   *ids = palloc(Max(n, 1) * sizeof(int64));
+	int32	   *steps = palloc(Max(n, 1) * sizeof(int32));
+	int		   *which = palloc(Max(n, 1) * sizeof(int));
+	bool	   *found = palloc(Max(n, 1) * sizeof(bool));
 	int			m = 0;
-	int			nfound;
 
 	for (int i = 0; i < n; i++)
 	{
 		ours[i] = false;
 		if (!applied[i])
 		{
-			ids[m] = Int64GetDatum(updates[i].id);
-			steps[m] = Int32GetDatum(updates[i].from_step);
-			m++;
+			ids[m] = updates[i].id;
+			steps[m] = updates[i].from_step;
+			which[m++] = i;
 		}
 	}
 	if (m == 0)
 		return;
-	values[0] = array_of(ids, NULL, m, INT8OID);
-	values[1] = array_of(steps, NULL, m, INT4OID);
-	values[2] = Int32GetDatum(my_worker);
-	store_run_plan(&plan,
-				   "SELECT u.id FROM unnest($1, $2) AS u(id, from_step)"
-				   " CROSS JOIN LATERAL (SELECT j.worker, j.status, j.step FROM jobloop.job j"
-				   "                      WHERE j.id = u.id OFFSET 0) j"
-				   " WHERE j.worker = $3 AND j.status = 'running' AND j.step = u.from_step",
-				   3, types, values, NULL, SPI_OK_SELECT);
-	found = sorted_ids(&nfound);
-	for (int i = 0; i < n; i++)
-		ours[i] = !applied[i] &&
-			bsearch(&updates[i].id, found, nfound, sizeof(int64), compare_int64) != NULL;
+	store_read_ours(ids, steps, m, found);
+	for (int k = 0; k < m; k++)
+		ours[which[k]] = found[k];
 }
 
 /*
@@ -827,7 +813,7 @@ store_still_ours(JobUpdate *updates, bool *applied, int n, bool *ours)
  * deferred as before.  Leases run for seconds and a batch for milliseconds,
  * so a lease that lapses between this read and the commit is one that had
  * gone unrenewed for about lease_timeout already.  Row by row by primary
- * key, as store_still_ours.
+ * key, for the reason given at store_update_jobs.
  */
 void
 store_read_ours(int64 *ids, int32 *steps, int n, bool *ours)
