@@ -1258,9 +1258,17 @@ describe_tls_failure(Transfer *xfer, CURLcode code)
 	char	   *port;
 	char	   *text;
 
+	char	   *prev;
+
+	/* every piece freed: in jobloop-worker palloc is malloc, with no context to reset */
 	if (curl_easy_getinfo(xfer->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url &&
 		url_origin(url, &scheme, &host, &port))
+	{
 		origin = psprintf("%s://%s:%s", scheme, host, port);
+		pfree(scheme);
+		pfree(host);
+		pfree(port);
+	}
 	if (strncmp(reason, verify_prefix, sizeof(verify_prefix) - 1) == 0)
 		text = psprintf("TLS: certificate verify failed: %s", reason + sizeof(verify_prefix) - 1);
 	else if (strncmp(reason, verify_prefix_8, sizeof(verify_prefix_8) - 1) == 0)
@@ -1274,13 +1282,21 @@ describe_tls_failure(Transfer *xfer, CURLcode code)
 	}
 	else
 		text = psprintf("TLS: %s", reason);
+	prev = text;
 	if (code == CURLE_SSL_CACERT_BADFILE)
 		text = psprintf("%s (%s)", text, jobloop_ca_file[0] != '\0' ? "jobloop.ca_file" :
 						"jobloop.ca_file is empty: the system's CA certificates");
 	else if (code == CURLE_SSL_CERTPROBLEM || code == CURLE_BAD_FUNCTION_ARGUMENT)
 		text = psprintf("%s (jobloop.client_cert, jobloop.client_key)", text);
+	if (text != prev)
+		pfree(prev);
 	if (origin)
+	{
+		prev = text;
 		text = psprintf("%s (%s)", text, origin);
+		pfree(prev);
+		pfree(origin);
+	}
 	return text;
 }
 
@@ -1328,6 +1344,8 @@ describe_failure(Transfer *xfer, CURLcode code, HttpResult *res)
 				if (res->status < 300 || res->status > 399 || location == NULL)
 				{
 					res->error = pstrdup(xfer->errbuf[0] ? xfer->errbuf : curl_easy_strerror(code));
+					if (location)
+						pfree(location);
 					break;
 				}
 				if (strlen(location) > 200)
@@ -1335,6 +1353,7 @@ describe_failure(Transfer *xfer, CURLcode code, HttpResult *res)
 				res->error = psprintf("redirect to \"%s\" refused: only http and https are allowed",
 									  location);
 				res->permanent = true;
+				pfree(location);
 				break;
 			}
 		case CURLE_TOO_MANY_REDIRECTS:

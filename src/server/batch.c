@@ -456,15 +456,6 @@ advance_isolated(Advance *a)
 		MemoryContextSwitchTo(batch_cxt);
 		CurrentResourceOwner = owner;
 
-		/*
-		 * In an external worker's turn (remote.c) a cancel that is not
-		 * jobloop.function_timeout's -- pg_cancel_backend() on its backend --
-		 * is not the job's fault: the whole turn ends, and with it the session.
-		 */
-		if (batch_in_caller_transaction && edata->sqlerrcode == ERRCODE_QUERY_CANCELED &&
-			!logic_cancel_was_ours())
-			ReThrowError(edata);
-
 		/* nothing of this step stands: the job keeps its committed state */
 		a->new_state = NULL;
 		a->completed = false;

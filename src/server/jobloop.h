@@ -187,7 +187,6 @@ extern void logic_capture_search_path(void);
 extern void logic_use_search_path(const char *path);
 extern void logic_begin_job(int64 job_id, int32 step);
 extern char *logic_failure_text(ErrorData *edata);
-extern bool logic_cancel_was_ours(void);
 extern char *logic_take_overrun(int64 *job_id, int32 *step);
 extern void logic_end_job(bool aborted);
 extern void logic_stop_timers(void);

@@ -327,13 +327,6 @@ logic_failure_text(ErrorData *edata)
 	return pstrdup(edata->message);
 }
 
-/* Was the last cancel jobloop.function_timeout's (and not someone's pg_cancel_backend)? */
-bool
-logic_cancel_was_ours(void)
-{
-	return cancel_fired;
-}
-
 /*
  * Our predecessor in this slot stopped itself because a function ignored
  * its cancellation (see overrun_handler): the reason for that job's

@@ -62,6 +62,8 @@ PG_FUNCTION_INFO_V1(jobloop_worker_maintain);
 #define WORKER_ROLE				"jobloop_worker"
 #define MAX_HEADER_BYTES		(256 * 1024)	/* as the engine's limit (http.c) */
 #define SLOT_POLL_MS			50	/* see turn_reply_wait */
+#define MAX_REPLY_BYTES			(64 * 1024 * 1024)	/* see remote_start */
+#define MAX_ERROR_BYTES			1000	/* a reported error text, kept (apply_results) */
 
 typedef enum CallState
 {
@@ -82,6 +84,7 @@ typedef struct RemoteCall
 
 static int	my_worker = 0;		/* 0: this session is not a worker */
 static bool turn_in_transaction = false;	/* a turn ran in the open transaction */
+static bool attach_in_transaction = false;	/* so did our attach (its release of jobs) */
 static bool lost = false;		/* a turn's transaction aborted: see above */
 static MemoryContext remote_cxt = NULL;
 static HTAB *calls = NULL;
@@ -102,8 +105,15 @@ remote_start(const HttpRequest *req, const char *idempotency_key, int default_ti
 	RemoteCall *call;
 	bool		found;
 
-	if (actions == NULL)
-		return NULL;			/* not in a turn (cannot happen): held.c tries again */
+	/*
+	 * Not in a turn (cannot happen), or the reply is full: held.c tries
+	 * again a second later.  A reply of thousands of 1 MB bodies would
+	 * otherwise grow towards PostgreSQL's 1 GB limit (and several copies of
+	 * it on the way out), fail the turn, and fail it again after the jobs
+	 * were claimed anew.
+	 */
+	if (actions == NULL || actions->len > MAX_REPLY_BYTES)
+		return NULL;
 	id = next_call_id++;
 	call = hash_search(calls, &id, HASH_ENTER, &found);
 	call->owner = owner;
@@ -206,7 +216,7 @@ require_worker_role(void)
 static void
 remote_xact_callback(XactEvent event, void *arg)
 {
-	if (!turn_in_transaction)
+	if (!turn_in_transaction && !attach_in_transaction)
 		return;
 	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
 	{
@@ -215,7 +225,7 @@ remote_xact_callback(XactEvent event, void *arg)
 	}
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
 		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
-		turn_in_transaction = false;
+		turn_in_transaction = attach_in_transaction = false;
 }
 
 /*
@@ -441,7 +451,9 @@ jobloop_worker_attach(PG_FUNCTION_ARGS)
 	transport = &remote_transport;
 	batch_in_caller_transaction = true;
 	batch_claim_wanted = true;
+	/* if the attach's transaction aborts, its release of our predecessor's jobs goes too */
 	RegisterXactCallback(remote_xact_callback, NULL);
+	attach_in_transaction = true;
 	ereport(LOG,
 			(errmsg("jobloop worker %d attached: jobloop-worker on \"%s\" (pid %d) serves database \"%s\"",
 					worker, host, PG_GETARG_INT32(1), database)));
@@ -541,8 +553,20 @@ apply_results(Reported *results, uint32 n)
 			res->headers_len = 0;
 			res->too_large = true;
 		}
+		/* it becomes last_error and a NOTIFY payload: printable ASCII of a bounded length */
+		if (res->error)
+		{
+			size_t		len = Min(strlen(res->error), (size_t) MAX_ERROR_BYTES);
+
+			for (size_t k = 0; k < len; k++)
+				if ((unsigned char) res->error[k] < 0x20 || (unsigned char) res->error[k] > 0x7e)
+					res->error[k] = '?';
+			res->error[len] = '\0';	/* in the decoded report's memory */
+		}
 		if ((res->curl_code != 0 || res->refused) && res->error == NULL)
 			res->error = "jobloop-worker reported a failed call without a reason";
+		/* it feeds the endpoint's latency estimate (held.c) */
+		res->elapsed_ms = Max(0, Min(res->elapsed_ms, (int64) 24 * 3600 * 1000));
 		call->result = *res;
 		call->result.error = res->error ? copy_bytes(res->error, strlen(res->error)) : NULL;
 		call->result.headers = copy_bytes(res->headers, res->headers_len);

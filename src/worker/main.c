@@ -119,7 +119,7 @@ run_session(PGconn *conn)
 		/* between turns: retention, which the server paces (see session_maintain) */
 		if (state == TURN_NONE && now >= next_maintain)
 		{
-			if (!session_maintain(conn))
+			if (!session_maintain(conn, &woken))
 				return false;
 			next_maintain = GetCurrentTimestamp() + MAINTAIN_INTERVAL_US;
 			calls_collect();

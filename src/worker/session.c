@@ -403,17 +403,33 @@ take_reply(PGresult *res, int32 *wait_ms)
 	return apply_reply(PQgetvalue(res, 0, 0), (size_t) PQgetlength(res, 0, 0), wait_ms);
 }
 
+/* Notifications libpq has parsed: a submit or a cancel wakes the worker (*woken). */
+static void
+drain_notifications(PGconn *conn, bool *woken)
+{
+	PGnotify   *note;
+
+	while ((note = PQnotifies(conn)) != NULL)
+	{
+		if (notification_wakes(note->extra))
+			*woken = true;
+		PQfreemem(note);
+	}
+}
+
+static bool read_results(PGconn *conn, bool expecting, bool *replied, int32 *wait_ms);
+
 /*
  * Read what the socket has: notifications (*woken), and, if a turn is
- * outstanding, its result, applied as soon as it is complete; the turn is
- * over (*replied, *wait_ms) once libpq has seen the end of the query.
+ * outstanding, its result (read_results).  Notifications are taken again
+ * after the results: libpq parses those that came with them while it reads
+ * the results, and they must not wait for the socket's next readiness.
  * False if the connection or the turn failed (logged).
  */
 bool
 session_read(PGconn *conn, bool expecting, bool *woken, bool *replied, int32 *wait_ms)
 {
-	PGnotify   *note;
-	PGresult   *res;
+	bool		ok;
 
 	*replied = false;
 	if (!PQconsumeInput(conn))
@@ -424,12 +440,21 @@ session_read(PGconn *conn, bool expecting, bool *woken, bool *replied, int32 *wa
 		pfree(m);
 		return false;
 	}
-	while ((note = PQnotifies(conn)) != NULL)
-	{
-		if (notification_wakes(note->extra))
-			*woken = true;
-		PQfreemem(note);
-	}
+	drain_notifications(conn, woken);
+	ok = read_results(conn, expecting, replied, wait_ms);
+	drain_notifications(conn, woken);
+	return ok;
+}
+
+/*
+ * The outstanding turn's result, if libpq has it: kept until the end of
+ * the query, then applied; the turn is over (*replied, *wait_ms).
+ */
+static bool
+read_results(PGconn *conn, bool expecting, bool *replied, int32 *wait_ms)
+{
+	PGresult   *res;
+
 	if (!expecting)
 		return true;
 	/* PQgetResult blocks while libpq is busy: only what has arrived */
@@ -506,10 +531,19 @@ run_command(PGconn *conn, const char *sql, int timeout_ms, bool *broken)
 			*broken = true;
 			return NULL;
 		}
-		if (flushed == 0 && !PQisBusy(conn))
-			break;
+		/* PQgetResult only while libpq is not busy: else it would block */
+		while (flushed == 0 && !PQisBusy(conn))
+		{
+			if ((res = PQgetResult(conn)) == NULL)
+				return last;
+			if (last)
+				PQclear(last);
+			last = res;
+		}
 		if (now >= deadline)
 		{
+			if (last)
+				PQclear(last);
 			*broken = true;		/* a result may still come: the connection is out of step */
 			return NULL;
 		}
@@ -518,17 +552,12 @@ run_command(PGconn *conn, const char *sql, int timeout_ms, bool *broken)
 		fd.revents = 0;
 		if (fd.fd < 0 || (poll(&fd, 1, (int) ((deadline - now + 999) / 1000)) < 0 && errno != EINTR))
 		{
+			if (last)
+				PQclear(last);
 			*broken = true;
 			return NULL;
 		}
 	}
-	while ((res = PQgetResult(conn)) != NULL)
-	{
-		if (last)
-			PQclear(last);
-		last = res;
-	}
-	return last;
 }
 
 /*
@@ -569,7 +598,7 @@ session_detach(PGconn *conn)
 #define MAINTAIN_MAX_CALLS	40
 
 bool
-session_maintain(PGconn *conn)
+session_maintain(PGconn *conn, bool *woken)
 {
 	for (int i = 0; i < MAINTAIN_MAX_CALLS; i++)
 	{
@@ -582,6 +611,7 @@ session_maintain(PGconn *conn)
 		{
 			if (broken)
 				worker_log(LOG, "retention: no answer from the server");
+			drain_notifications(conn, woken);
 			return !broken;
 		}
 		more = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
@@ -594,6 +624,7 @@ session_maintain(PGconn *conn)
 			pfree(m);
 		}
 		PQclear(res);
+		drain_notifications(conn, woken);
 		if (!more)
 			break;
 	}

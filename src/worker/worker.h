@@ -76,7 +76,7 @@ extern PGconn *session_connect(volatile sig_atomic_t *stop, bool *fatal);
 extern bool session_send_turn(PGconn *conn, StringInfo report);
 extern int	session_flush(PGconn *conn);
 extern void session_detach(PGconn *conn);
-extern bool session_maintain(PGconn *conn);
+extern bool session_maintain(PGconn *conn, bool *woken);
 extern bool session_read(PGconn *conn, bool expecting, bool *woken, bool *replied,
 						 int32 *wait_ms);
 extern int	session_worker_number;
