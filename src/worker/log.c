@@ -37,6 +37,8 @@ level_name(int level)
 	return "LOG";
 }
 
+static void write_line(int level, const char *fmt, va_list args) pg_attribute_printf(2, 0);
+
 static void
 write_line(int level, const char *fmt, va_list args)
 {
