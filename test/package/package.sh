@@ -85,11 +85,12 @@ deb=$TMP/src/${debs[0]}
 # ---- contents ---------------------------------------------------------------------------
 listing=$(dpkg-deb -c "$deb" | awk '{ print $6 }' | sed 's#^\./#/#')
 missing=()
-for f in "$pkglibdir/jobloop.so" "$sharedir/extension/jobloop.control" sql/jobloop--*.sql; do
+for f in "$pkglibdir/jobloop.so" "$sharedir/extension/jobloop.control" sql/jobloop--*.sql \
+         "$("$PG_CONFIG_PATH" --bindir)/jobloop-worker"; do
     [[ "$f" == sql/* ]] && f=$sharedir/extension/${f#sql/}
     grep -qxF "$f" <<<"$listing" || missing+=("$f")
 done
-tap_ok "$(( ${#missing[@]} > 0 ))" "the package holds jobloop.so, the control file and every sql/jobloop--*.sql for PostgreSQL $V" \
+tap_ok "$(( ${#missing[@]} > 0 ))" "the package holds jobloop.so, the control file, every sql/jobloop--*.sql and jobloop-worker for PostgreSQL $V" \
     "missing: ${missing[*]:-}"$'\n'"$listing"
 depends=$(dpkg-deb -f "$deb" Depends)
 rc=0
