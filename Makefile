@@ -54,6 +54,9 @@ SHLIB_LINK = -lcurl
 # src/engine/*.fe.o, and the program's own files, linked with libpq, libpgcommon and
 # libpgport (palloc, psprintf, StringInfo) and libcurl.  PGXS's PROGRAM cannot share
 # sources with MODULE_big, hence these rules.  Installed into `pg_config --bindir`.
+# libpgcommon and libpgport are named explicitly: from PostgreSQL 16 on, PGXS's
+# libpq_pgport is libpq alone (they come with $(LIBS), which names every library the
+# server was built with, most of them absent on a machine without their -dev packages).
 WORKER = jobloop-worker
 WORKER_OBJS = \
 	src/worker/main.o \
@@ -86,7 +89,7 @@ src/worker/%.o: src/worker/%.c
 	$(CC) $(CFLAGS) $(FE_CPPFLAGS) -c -o $@ $<
 
 $(WORKER): $(WORKER_OBJS) $(ENGINE_FE_OBJS)
-	$(CC) $(CFLAGS) $^ $(LDFLAGS) $(LDFLAGS_EX) $(libpq_pgport) -lcurl -o $@
+	$(CC) $(CFLAGS) $^ $(LDFLAGS) $(LDFLAGS_EX) $(libpq_pgport) -L$(pkglibdir) -lpgcommon -lpgport -lcurl -o $@
 
 $(WORKER_OBJS) $(ENGINE_FE_OBJS): $(wildcard src/engine/*.h src/worker/*.h)
 
